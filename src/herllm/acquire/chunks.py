@@ -1,0 +1,168 @@
+"""Experience acquisition, part 2: Documents -> fixed-length token windows ("experiences").
+
+Documents are tokenized one at a time and packed back to back (separated by EOS) into windows of
+`seq_len` tokens, so short records (a dictionary entry, a verse) waste no compute on padding.
+Each window remembers where it starts: the document id, the document's index in the stream and
+the token offset inside it. That start position is all the durable cursor needs to resume.
+Only the very last window of a finite stream is padded (attention and loss masked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from herllm.acquire.sources import Document
+from herllm.errors import UserError
+
+
+@dataclass(frozen=True)
+class Experience:
+    key: str
+    """`<doc_id>@<token offset>` of the window's first token: unique in a stream."""
+    doc_id: str
+    offset: int
+    doc_index: int
+    """Index of the window's first document in the stream (for the cursor)."""
+    input_ids: np.ndarray
+    """(T,) int32 token ids."""
+    loss_mask: np.ndarray
+    """(T,) bool: which tokens count in the loss (False for prompts and padding)."""
+    attention_mask: np.ndarray
+    """(T,) bool: False for padding."""
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+@dataclass
+class StreamPosition:
+    """Where the next window starts: the durable cursor's content."""
+
+    doc_index: int = 0
+    token_offset: int = 0
+    doc_id: str | None = None
+    windows: int = 0
+    tokens: int = 0
+
+
+def tokenize_document(doc: Document, tokenizer) -> tuple[list[int], list[bool]]:
+    """Token ids and loss mask of one document: [bos] text [eos], or prompt(no loss) response."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    if tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+        mask.append(False)
+    body = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+    ids.extend(body)
+    mask.extend([doc.response is None] * len(body))
+    if doc.response is not None:
+        resp = tokenizer(doc.response, add_special_tokens=False)["input_ids"]
+        ids.extend(resp)
+        mask.extend([True] * len(resp))
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        mask.append(True)
+    return ids, mask
+
+
+class Packer:
+    """Pack a document stream into windows, starting at a given stream position."""
+
+    def __init__(self, tokenizer, seq_len: int, start: StreamPosition | None = None):
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.position = StreamPosition(**vars(start)) if start else StreamPosition()
+
+    def windows(self, docs: Iterator[Document]) -> Iterator[Experience]:
+        """Yield windows; `self.position` is always the start of the next window."""
+        start = self.position
+        ids: list[int] = []
+        mask: list[bool] = []
+        # Where each buffered token came from: (doc_index, doc_id, offset of ids[0]) per doc piece.
+        pieces: list[tuple[int, str, int, int]] = []  # (doc_index, doc_id, offset, buffer start)
+        for index, doc in enumerate(docs):
+            if index < start.doc_index:
+                continue  # already consumed before the resume point: never tokenized again
+            if start.doc_id is not None and index == start.doc_index and doc.doc_id != start.doc_id:
+                raise UserError(
+                    f"the stream changed since the checkpoint: document {index} is {doc.doc_id!r}, "
+                    f"the checkpoint expected {start.doc_id!r}; resume with the same sources"
+                )
+            doc_ids, doc_mask = tokenize_document(doc, self.tokenizer)
+            skip = start.token_offset if index == start.doc_index else 0
+            pieces.append((index, doc.doc_id, skip, len(ids)))
+            ids.extend(doc_ids[skip:])
+            mask.extend(doc_mask[skip:])
+            while len(ids) >= self.seq_len:
+                yield self._emit(ids, mask, pieces, self.seq_len)
+                pieces = _advance(pieces, self.seq_len, len(ids))
+                ids, mask = ids[self.seq_len :], mask[self.seq_len :]
+        if ids:
+            yield self._emit(ids, mask, pieces, len(ids))
+            self.position = StreamPosition(
+                doc_index=pieces[-1][0] + 1,
+                windows=self.position.windows,
+                tokens=self.position.tokens,
+            )
+
+    def _emit(self, ids, mask, pieces, n: int) -> Experience:
+        first_doc_index, first_doc_id, first_offset, _ = pieces[0]
+        t = self.seq_len
+        input_ids = np.full(t, self.pad_id, dtype=np.int32)
+        input_ids[:n] = ids[:n]
+        loss_mask = np.zeros(t, dtype=bool)
+        loss_mask[:n] = mask[:n]
+        attention = np.zeros(t, dtype=bool)
+        attention[:n] = True
+        exp = Experience(
+            key=f"{first_doc_id}@{first_offset}",
+            doc_id=first_doc_id,
+            offset=first_offset,
+            doc_index=first_doc_index,
+            input_ids=input_ids,
+            loss_mask=loss_mask,
+            attention_mask=attention,
+        )
+        nxt = _advance(pieces, n, len(ids))
+        pos = self.position
+        if nxt:
+            self.position = StreamPosition(
+                nxt[0][0], nxt[0][2], nxt[0][1], pos.windows + 1, pos.tokens + n
+            )
+        else:  # the window ended exactly at a document end: next window starts at the next doc
+            self.position = StreamPosition(
+                pieces[-1][0] + 1, 0, None, pos.windows + 1, pos.tokens + n
+            )
+        return exp
+
+
+def _advance(
+    pieces: list[tuple[int, str, int, int]], n: int, total: int
+) -> list[tuple[int, str, int, int]]:
+    """Drop the first n of `total` buffered tokens from the piece list, shifting offsets."""
+    out = []
+    for i, (doc_index, doc_id, offset, begin) in enumerate(pieces):
+        end = pieces[i + 1][3] if i + 1 < len(pieces) else total
+        if end <= n:
+            continue  # this piece lies wholly inside the emitted window
+        if begin >= n:
+            out.append((doc_index, doc_id, offset, begin - n))
+        else:
+            out.append((doc_index, doc_id, offset + (n - begin), 0))
+    return out
+
+
+def to_batch(experiences: list[Experience]) -> dict:
+    """Stack experiences into a model batch (torch tensors); labels are -100 where no loss."""
+    import torch
+
+    ids = torch.from_numpy(np.stack([e.input_ids for e in experiences]).astype(np.int64))  # (B, T)
+    attn = torch.from_numpy(np.stack([e.attention_mask for e in experiences]))  # (B, T)
+    loss_mask = torch.from_numpy(np.stack([e.loss_mask for e in experiences]))  # (B, T)
+    labels = ids.masked_fill(~loss_mask, -100)
+    return {"input_ids": ids, "attention_mask": attn.long(), "labels": labels}

@@ -1,0 +1,72 @@
+"""Experience refinement, part 1: per-experience uncertainty in batched no-grad passes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Scores:
+    nll: torch.Tensor
+    """(B,) mean token negative log-likelihood over the loss-masked tokens (nats)."""
+    entropy: torch.Tensor
+    """(B,) mean predictive entropy over the same positions (nats)."""
+    reps: torch.Tensor
+    """(B, H) last hidden state mean-pooled over real tokens: the representation statistic."""
+    tokens: int
+    """Tokens scored (attention-mask sum)."""
+
+
+def token_stats(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample mean NLL and entropy of next-token predictions, and the count of counted tokens.
+
+    logits (B, T, V) predict labels shifted by one; labels (B, T) with -100 where no loss.
+    """
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    target = labels[:, 1:]  # (B, T-1)
+    valid = target != -100  # (B, T-1)
+    logp = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
+    nll = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    ent = -(logp.exp() * logp).sum(-1)  # (B, T-1)
+    count = valid.sum(-1)  # (B,)
+    denom = count.clamp_min(1)
+    return (nll * valid).sum(-1) / denom, (ent * valid).sum(-1) / denom, count
+
+
+@torch.no_grad()
+def score_batch(model, batch: dict) -> Scores:
+    """One no-grad forward pass: NLL, entropy and pooled representation of every sample."""
+    was_training = model.training
+    model.eval()
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+    )
+    if was_training:
+        model.train()
+    nll, ent, _ = token_stats(out.logits, batch["labels"])
+    hidden = out.hidden_states[-1].float()  # (B, T, H)
+    mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+    reps = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B, H)
+    return Scores(nll=nll.cpu(), entropy=ent.cpu(), reps=reps.cpu(), tokens=int(mask.sum()))
+
+
+@torch.no_grad()
+def mean_nll(model, batches) -> tuple[float, int]:
+    """Token-weighted mean NLL over batches (for held-out evaluation) and the token count."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        nll, _, n = token_stats(out.logits, batch["labels"])
+        total += float((nll * n).sum())
+        count += int(n.sum())
+    if was_training:
+        model.train()
+    return (total / count if count else float("nan")), count

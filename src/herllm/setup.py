@@ -1,0 +1,275 @@
+"""Build everything the loop needs from a RunConfig, and save/restore it (checkpoints).
+
+The learner's loop only reads and advances a `RunState`; this module turns config into plain
+objects (model, optimizer, stream, buffer, selector) and implements the checkpoint protocol of
+`herllm.checkpoint` around them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from herllm import checkpoint as ckpt
+from herllm.acquire.chunks import Experience, Packer, StreamPosition, to_batch
+from herllm.acquire.cursor import load_cursor, save_cursor
+from herllm.acquire.sources import SourceStats, read_documents
+from herllm.config import RunConfig, save_yaml
+from herllm.errors import UserError
+from herllm.memory.replay import ReplayBuffer
+from herllm.models import ADAPTER_NAME, attach_lora, load_base
+from herllm.refine.scoring import mean_nll
+from herllm.refine.select import build_selector
+
+COUNTERS = (
+    "windows_read", "tokens_streamed", "tokens_scored", "tokens_trained", "selected",
+    "skipped_by_selection", "replayed", "nonfinite_skipped",
+)  # fmt: skip
+
+
+@dataclass
+class RunState:
+    cfg: RunConfig
+    run_dir: Path
+    accelerator: Accelerator
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    trainable: list[torch.nn.Parameter]
+    selector: object
+    buffer: ReplayBuffer | None
+    packer: Packer
+    source_stats: SourceStats
+    eval_sets: dict[str, list[dict]]
+    step: int = 0
+    pending: list[Experience] = field(default_factory=list)
+    stream_done: bool = False
+    counters: dict = field(
+        default_factory=lambda: dict.fromkeys(COUNTERS, 0) | {"train_seconds": 0.0}
+    )
+    eval_first: dict | None = None
+    eval_last: dict | None = None
+    evaluated_at_start: bool = False
+    nonfinite_streak: int = 0
+    last_checkpoint: int = -1
+    started: float = field(default_factory=time.perf_counter)
+    _windows: Iterator[Experience] | None = None
+    _good: list[torch.Tensor] | None = None
+
+    # -- stream -----------------------------------------------------------------------------
+    def next_windows(self, n: int) -> list[Experience]:
+        if self._windows is None:
+            s = self.cfg.stream
+            docs = read_documents(
+                s.sources, s.include, s.exclude, s.on_bad_input, self.source_stats, s.stdin_format
+            )
+            self._windows = self.packer.windows(docs)
+        out = []
+        for w in self._windows:
+            out.append(w)
+            if len(out) == n:
+                break
+        return out
+
+    def row_to_experience(self, row) -> Experience:
+        """A replay row (unpadded) back into a padded window."""
+        t = self.cfg.stream.seq_len
+        n = len(row.input_ids)
+        ids = np.full(t, self.packer.pad_id, dtype=np.int32)
+        ids[:n] = row.input_ids
+        mask = np.zeros(t, dtype=bool)
+        mask[:n] = True if row.loss_mask is None else row.loss_mask
+        attn = np.zeros(t, dtype=bool)
+        attn[:n] = True
+        return Experience(f"{row.doc_id}@{row.offset}", row.doc_id, row.offset, -1, ids, mask, attn)
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    # -- safety -----------------------------------------------------------------------------
+    def snapshot_good_weights(self) -> None:
+        if self._good is None:
+            self._good = [p.detach().clone() for p in self.trainable]
+        else:
+            for dst, p in zip(self._good, self.trainable, strict=True):
+                dst.copy_(p.detach())
+
+    def restore_good_weights(self) -> None:
+        if self._good is not None:
+            with torch.no_grad():
+                for p, src in zip(self.trainable, self._good, strict=True):
+                    p.copy_(src)
+
+    # -- logs -------------------------------------------------------------------------------
+    def log_metrics(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def log_event(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.run_dir / "events.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def evaluate_heldout(self) -> dict[str, float]:
+        return {name: mean_nll(self.model, batches)[0] for name, batches in self.eval_sets.items()}
+
+
+def build_state(cfg: RunConfig, resume: bool) -> RunState:
+    """Model, optimizer, stream, buffer and selector for a new or resumed run."""
+    run_dir = Path(cfg.run_dir)
+    if not resume and (run_dir / "checkpoints").exists():
+        raise UserError(
+            f"run directory {run_dir} already holds a run; pass --resume {run_dir} to continue "
+            "it or choose another --run-dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    base, tokenizer = load_base(cfg.model)
+    model = attach_lora(base, cfg.lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    warm = max(cfg.train.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warm))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    buffer = None
+    if cfg.replay.capacity > 0:
+        buffer = ReplayBuffer(
+            run_dir / "replay.sqlite",
+            cfg.replay.capacity,
+            cfg.replay.policy,
+            cfg.train.seed,
+            cfg.replay.alpha,
+        )
+    if accelerator.is_main_process and not resume:
+        save_yaml(cfg, run_dir / "config.yaml")
+    sel = cfg.select
+    return RunState(
+        cfg=cfg,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainable=trainable,
+        selector=build_selector(sel.policy, sel.fraction, sel.window, sel.warmup),
+        buffer=buffer,
+        packer=Packer(tokenizer, cfg.stream.seq_len),
+        source_stats=SourceStats(),
+        eval_sets=load_eval_sets(cfg, tokenizer, accelerator.device),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_eval_sets(cfg: RunConfig, tokenizer, device, batch_size: int = 8) -> dict[str, list[dict]]:
+    """Pack each held-out file into at most `max_windows` windows, batched on the device."""
+    out: dict[str, list[dict]] = {}
+    for path in cfg.eval.files:
+        packer = Packer(tokenizer, cfg.stream.seq_len)
+        windows = []
+        for w in packer.windows(read_documents([path], ["*"], [], "error")):
+            windows.append(w)
+            if len(windows) >= cfg.eval.max_windows:
+                break
+        out[Path(path).name if Path(path).name not in out else path] = [
+            {k: v.to(device) for k, v in to_batch(windows[i : i + batch_size]).items()}
+            for i in range(0, len(windows), batch_size)
+        ]
+    return out
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def save_checkpoint(s: RunState) -> None:
+    """Write checkpoint step-N atomically, then commit the buffer with it (see checkpoint.py)."""
+    if s.last_checkpoint == s.step:
+        return
+    root = s.run_dir / "checkpoints"
+    if s.accelerator.is_main_process:
+        tmp = ckpt.begin(root, s.step)
+        model = s.accelerator.unwrap_model(s.model)
+        model.save_pretrained(tmp / "adapters" / ADAPTER_NAME, selected_adapters=[ADAPTER_NAME])
+        torch.save(trainer_state(s), tmp / "trainer.pt")
+        save_cursor(s.packer.position, tmp / "cursor.json", s.cfg.stream.sources)
+        ckpt.publish(tmp)
+        if s.buffer is not None:
+            s.buffer.commit(s.step)
+        ckpt.prune(root, s.cfg.checkpoint.keep, s.buffer.committed_step if s.buffer else None)
+    s.accelerator.wait_for_everyone()
+    s.last_checkpoint = s.step
+
+
+def trainer_state(s: RunState) -> dict:
+    counters = dict(s.counters)
+    counters["train_seconds"] = s.counters["train_seconds"] + (time.perf_counter() - s.started)
+    return {
+        "step": s.step,
+        "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(),
+        "rng": ckpt.rng_state(),
+        "selector": s.selector.state_dict(),
+        "pending": [vars(e) for e in s.pending],
+        "stream_done": s.stream_done,
+        "counters": counters,
+        "eval_first": s.eval_first,
+        "eval_last": s.eval_last,
+        "evaluated_at_start": s.evaluated_at_start,
+        "nonfinite_streak": s.nonfinite_streak,
+    }
+
+
+def load_checkpoint(s: RunState) -> None:
+    """Restore the run from the checkpoint that the buffer committed (or the newest one)."""
+    root = s.run_dir / "checkpoints"
+    path = ckpt.resume_point(root, s.buffer.committed_step if s.buffer else None)
+    if path is None:
+        return  # crashed before the first checkpoint: nothing was committed, start afresh
+    weights = load_file(str(path / "adapters" / ADAPTER_NAME / "adapter_model.safetensors"))
+    model = s.accelerator.unwrap_model(s.model)
+    result = set_peft_model_state_dict(model, weights, adapter_name=ADAPTER_NAME)
+    missing = [k for k in result.unexpected_keys] if hasattr(result, "unexpected_keys") else []
+    if missing:
+        raise UserError(f"checkpoint {path} does not match the model: unexpected {missing[:3]}")
+    state = torch.load(path / "trainer.pt", weights_only=False)
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    s.selector.load_state_dict(state["selector"])
+    ckpt.set_rng_state(state["rng"])
+    s.step = state["step"]
+    s.pending = [Experience(**e) for e in state["pending"]]
+    s.stream_done = state["stream_done"]
+    s.counters.update(state["counters"])
+    s.eval_first, s.eval_last = state["eval_first"], state["eval_last"]
+    s.evaluated_at_start = state["evaluated_at_start"]
+    s.nonfinite_streak = state["nonfinite_streak"]
+    s.packer = Packer(
+        s.tokenizer, s.cfg.stream.seq_len, load_cursor(path / "cursor.json", s.cfg.stream.sources)
+    )
+    s.last_checkpoint = s.step
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The trainable adapter tensors by name (for comparisons and tests)."""
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+__all__ = ["RunState", "build_state", "load_checkpoint", "save_checkpoint", "StreamPosition"]
