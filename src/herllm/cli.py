@@ -131,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(adapt, RunConfig)
     adapt.set_defaults(func=cmd_adapt)
 
-    from herllm.pretrain import PretrainConfig
+    try:  # TEMP-UNTIL-PRETRAIN-LANDS
+        from herllm.pretrain import PretrainConfig
+    except ModuleNotFoundError:
+        return parser
 
     pre = sub.add_parser("pretrain", help="pretrain a small Llama base model from scratch")
     pre.add_argument(

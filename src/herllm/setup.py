@@ -80,6 +80,13 @@ class RunState:
             out.append(w)
             if len(out) == n:
                 break
+        if not out and self.counters["windows_read"] == 0 and self.packer.position.windows == 0:
+            skipped = self.source_stats.skipped_count
+            why = f" ({skipped} bad inputs skipped)" if skipped else ""
+            raise UserError(
+                f"the stream is empty: no text in {', '.join(self.cfg.stream.sources)}{why}; "
+                "pass files that contain documents"
+            )
         return out
 
     def row_to_experience(self, row) -> Experience:
@@ -134,6 +141,12 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
             f"run directory {run_dir} already holds a run; pass --resume {run_dir} to continue "
             "it or choose another --run-dir"
         )
+    for src in cfg.stream.sources:
+        if src != "-" and Path(src).is_dir() and run_dir.resolve().is_relative_to(Path(src).resolve()):
+            raise UserError(
+                f"run directory {run_dir} is inside stream source {src}: the run would read its "
+                "own files back; choose a --run-dir outside the sources"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
