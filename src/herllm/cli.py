@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(adapt, RunConfig)
     adapt.set_defaults(func=cmd_adapt)
 
+    demo = sub.add_parser("demo", help="adapt the bundled model to a short bundled stream")
+    demo.add_argument("--root", default="runs", help="where the demo stream and run directory go")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo)
+
     try:  # TEMP-UNTIL-PRETRAIN-LANDS
         from herllm.pretrain import PretrainConfig
     except ModuleNotFoundError:
@@ -197,6 +202,25 @@ def print_summary(summary) -> None:
         after = summary.eval_last.get(name, float("nan"))
         table.add_row(f"held-out NLL {name}", f"{before:.4f} -> {after:.4f}")
     Console().print(table)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from herllm.demo import run_demo
+
+    summary = run_demo(args.root, quiet=args.quiet)
+    print_summary(summary)
+    table = Table(title="held-out loss per domain (mean token NLL, nats)")
+    for col in ("domain", "before", "after", "change"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    for name, before in summary.eval_first.items():
+        after = summary.eval_last[name]
+        table.add_row(Path(name).stem, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}")
+    Console().print(table)
+    print(f"run directory: {summary.run_dir}  (metrics.jsonl, checkpoints/, replay.sqlite)")
+    return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

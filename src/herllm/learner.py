@@ -134,7 +134,7 @@ class Learner:
         out = s.model(**batch)
         loss = out.loss
         if not torch.isfinite(loss):
-            return self.skip_nonfinite(float(loss))
+            return self.skip_nonfinite(float(loss.detach()))
         s.accelerator.backward(loss)
         if self.cfg.train.grad_clip > 0:
             norm = s.accelerator.clip_grad_norm_(s.trainable, self.cfg.train.grad_clip)
