@@ -1,8 +1,8 @@
 """herllm: task-agnostic continual adaptation of causal language models.
 
-    from herllm import Learner, build_config
-    cfg = build_config("my.yaml", ["stream.sources=[notes/]", "replay.ratio=0.25"])
-    summary = Learner(cfg).run()
+from herllm import Learner, build_config
+cfg = build_config("my.yaml", ["stream.sources=[notes/]", "replay.ratio=0.25"])
+summary = Learner(cfg).run()
 """
 
 __version__ = "0.1.0"
@@ -13,4 +13,12 @@ from herllm.learner import Learner, Summary  # noqa: E402
 
 LearnerConfig = RunConfig
 
-__all__ = ["Learner", "LearnerConfig", "RunConfig", "Summary", "UserError", "build_config", "__version__"]
+__all__ = [
+    "Learner",
+    "LearnerConfig",
+    "RunConfig",
+    "Summary",
+    "UserError",
+    "build_config",
+    "__version__",
+]

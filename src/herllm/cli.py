@@ -67,12 +67,16 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str 
         if dataclasses.is_dataclass(hints[f.name]):
             add_dataclass_flags(parser, hints[f.name], prefix=f"{name}.")
             continue
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        flags = [f for f in flags if f not in parser._option_string_actions]  # aliases win
+        if not flags:
+            continue
         parser.add_argument(
-            f"--{name}",
+            *flags,
             dest=f"cfg:{name}",
             default=argparse.SUPPRESS,
             metavar="V",
-            help=docs.get(f.name, ""),
+            help=docs.get(f.name, "").replace("%", "%%"),
         )
 
 
@@ -118,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="config override, e.g. train.lr=1e-4",
     )
     adapt.add_argument("--quiet", action="store_true", help="no progress bar")
+    adapt.add_argument(
+        "--strategy", help="a named preset (naive, replay, ...); flags given here override it"
+    )
     for flag, field in ALIASES.items():
         adapt.add_argument(flag, dest=f"alias:{field}", default=None, help=f"alias of --{field}")
     for flag, field in LIST_ALIASES.items():
@@ -136,10 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
 
-    try:  # TEMP-UNTIL-PRETRAIN-LANDS
-        from herllm.pretrain import PretrainConfig
-    except ModuleNotFoundError:
-        return parser
+    from herllm.bench import BenchConfig
+
+    bench = sub.add_parser(
+        "bench", help="benchmark strategies on a domain stream; writes results + report"
+    )
+    bench.add_argument("--quiet", action="store_true", help="no per-run progress lines")
+    add_dataclass_flags(bench, BenchConfig)
+    bench.set_defaults(func=cmd_bench)
+
+    report = sub.add_parser(
+        "report", help="re-render report.md/report.html from RESULTS_DIR/results.json"
+    )
+    report.add_argument("results_dir", help="a directory written by herllm bench")
+    report.set_defaults(func=cmd_report)
+
+    from herllm.pretrain import PretrainConfig
 
     pre = sub.add_parser("pretrain", help="pretrain a small Llama base model from scratch")
     pre.add_argument(
@@ -161,6 +180,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from herllm.learner import Learner
 
     overrides = overrides_from_args(args) + list(args.set)
+    if args.strategy:
+        from herllm.strategies import strategy_overrides
+
+        overrides = strategy_overrides(args.strategy) + [f"strategy={args.strategy}"] + overrides
     if args.sources:
         overrides.append("stream.sources=[" + ",".join(_q(s) for s in args.sources) + "]")
     if args.resume:
@@ -176,8 +199,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             raise UserError(
                 "no stream sources given; pass files, directories or - (stdin) to herllm adapt"
             )
-    learner = Learner(cfg, resume=bool(args.resume), show_progress=not args.quiet)
-    summary = learner.run()
+    with Learner(cfg, resume=bool(args.resume), show_progress=not args.quiet) as learner:
+        summary = learner.run()
     print_summary(summary)
     return 0
 
@@ -221,6 +244,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     Console().print(table)
     print(f"run directory: {summary.run_dir}  (metrics.jsonl, checkpoints/, replay.sqlite)")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from herllm.bench import BenchConfig, run_bench
+    from herllm.config import apply_overrides, from_dict
+    from herllm.evaluate.report import render_report
+
+    bc = from_dict(BenchConfig, apply_overrides({}, overrides_from_args(args)))
+    results = run_bench(
+        bc, progress=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    )
+    md, html = render_report(Path(bc.out))
+    bad = [f"{r['strategy']} ({r['status']})" for r in results["runs"] if r["status"] != "ok"]
+    print(f"results: {Path(bc.out) / 'results.json'}\nreport: {md}\n        {html}")
+    if bad:
+        print(f"not run: {', '.join(sorted(set(bad)))}; see the report for why")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from herllm.evaluate.report import report_main
+
+    return report_main(args.results_dir)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

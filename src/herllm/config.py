@@ -134,6 +134,8 @@ class EvalConfig:
 class RunConfig:
     run_dir: str = "runs/default"
     """Where checkpoints, the buffer, metrics and the report go."""
+    strategy: str = "custom"
+    """The named preset this configuration started from (informational; see herllm.strategies)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model."""
     lora: LoraConfig = field(default_factory=LoraConfig)

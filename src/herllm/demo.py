@@ -41,7 +41,9 @@ def build_demo_stream(root: Path, train_chars: int, test_chars: int) -> tuple[li
     return sources, evals
 
 
-def run_demo(root: str = "runs", train_chars: int = 120_000, test_chars: int = 40_000, quiet: bool = False):
+def run_demo(
+    root: str = "runs", train_chars: int = 120_000, test_chars: int = 40_000, quiet: bool = False
+):
     """Build the demo stream under `root`, adapt the bundled model on it, return the summary."""
     from herllm.config import build_config
     from herllm.learner import Learner
@@ -62,7 +64,8 @@ def run_demo(root: str = "runs", train_chars: int = 120_000, test_chars: int = 4
             "train.lr=0.001",
         ],
     )
-    return Learner(cfg, show_progress=not quiet).run()
+    with Learner(cfg, show_progress=not quiet) as learner:
+        return learner.run()
 
 
 def demo_table(summary) -> str:

@@ -54,10 +54,26 @@ class Learner:
         if resume:
             load_checkpoint(self.s)
         self.show_progress = show_progress
+        self.until_tokens: int | None = None
+
+    def close(self) -> None:
+        """Release the replay buffer (its last commit is the last checkpoint's)."""
+        if self.s.buffer is not None:
+            self.s.buffer.close()
+            self.s.buffer = None
+
+    def __enter__(self) -> Learner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- the loop ---------------------------------------------------------------------------
-    def run(self) -> Summary:
+    def run(self, until_tokens: int | None = None) -> Summary:
+        """Learn until the stream or the budget ends (or `until_tokens` streamed tokens, so a
+        caller such as the benchmark can evaluate and call `run` again)."""
         s, cfg = self.s, self.cfg
+        self.until_tokens = until_tokens
         if s.step == 0 and not s.evaluated_at_start:
             self.evaluate()
             s.evaluated_at_start = True
@@ -75,7 +91,7 @@ class Learner:
                     self.evaluate()
                 bar.update(s.step, s.counters, loss, len(s.buffer) if s.buffer else 0)
         save_checkpoint(s)
-        if s.step % cfg.eval.every_steps != 0:
+        if s.step % cfg.eval.every_steps != 0 and cfg.eval.files:
             self.evaluate()
         return self.summary()
 
@@ -83,8 +99,11 @@ class Learner:
     def budget_spent(self) -> bool:
         t = self.cfg.train
         c = self.s.counters
-        return (t.max_steps > 0 and self.s.step >= t.max_steps) or (
-            t.max_tokens > 0 and c["tokens_streamed"] >= t.max_tokens
+        until = self.until_tokens
+        return (
+            (t.max_steps > 0 and self.s.step >= t.max_steps)
+            or (t.max_tokens > 0 and c["tokens_streamed"] >= t.max_tokens)
+            or (until is not None and c["tokens_streamed"] >= until)
         )
 
     def acquire(self) -> list[Experience]:

@@ -142,7 +142,11 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
             "it or choose another --run-dir"
         )
     for src in cfg.stream.sources:
-        if src != "-" and Path(src).is_dir() and run_dir.resolve().is_relative_to(Path(src).resolve()):
+        if (
+            src != "-"
+            and Path(src).is_dir()
+            and run_dir.resolve().is_relative_to(Path(src).resolve())
+        ):
             raise UserError(
                 f"run directory {run_dir} is inside stream source {src}: the run would read its "
                 "own files back; choose a --run-dir outside the sources"

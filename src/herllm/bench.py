@@ -1,0 +1,297 @@
+"""`herllm bench`: a domain stream x strategies x domain orders -> results.json and a report.
+
+The learner sees one unlabeled stream: the domains' training text back to back (each cut to the
+same token budget). Only the evaluator knows where a domain ends: it pauses the learner at
+several points inside every domain (`Learner.run(until_tokens=...)`) and measures held-out loss
+on every domain and on general text, probe accuracy at domain ends, and the cost of the run.
+Reference rows: `base` (no training) and `joint` (all domains shuffled together, same budget).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from herllm import __version__
+from herllm.bench_data import BenchData, load_bench_data
+from herllm.config import build_config
+from herllm.errors import UserError
+from herllm.evaluate import metrics as M
+from herllm.evaluate.cost import Meter, measure_matmul_peak, peak_rss_mb, train_flops_per_token
+from herllm.evaluate.suite import finite_or_none, intrinsic_signals
+from herllm.strategies import STRATEGIES, strategy_overrides
+
+REFERENCE = ("base", "joint")
+
+
+@dataclass
+class BenchConfig:
+    domains: list[str] = field(default_factory=list)
+    """Domains in stream order (default: the 8 bundled HER-Stream domains, or every folder of --stream-dir)."""
+    stream_dir: str = ""
+    """A folder laid out as DIR/<domain>/{train,test}.txt (optional probes.jsonl); empty = bundled corpus."""
+    strategies: list[str] = field(default_factory=lambda: ["base", "joint", *STRATEGIES])
+    """Strategies to run; `base` and `joint` are the reference rows."""
+    orders: int = 3
+    """Domain orders (order 0 as given, the others seeded permutations); each is one run per strategy."""
+    tokens_per_domain: int = 48_000
+    """Training tokens streamed from each domain."""
+    evals_per_domain: int = 3
+    """Evaluations inside each domain (the last one at its end): stability gap and adaptation speed."""
+    eval_windows: int = 16
+    """Held-out windows per domain test split (and for general text)."""
+    probe_items: int = 32
+    """Probe items per domain scored at each domain end (0 disables probes)."""
+    intrinsic: bool = True
+    """Label-free signals at the end of each run (entropy, CKA to the base, generation quality)."""
+    model: str = "herllm-tiny"
+    """Base model (bundled name, local directory or hub id)."""
+    seq_len: int = 128
+    """Tokens per window."""
+    batch_size: int = 8
+    """Windows per optimizer step."""
+    lr: float = 1e-3
+    """Learning rate of every strategy."""
+    lora_r: int = 16
+    """LoRA rank of every strategy."""
+    seed: int = 0
+    """Base seed: order k uses seed + k."""
+    out: str = "results/bench"
+    """Results directory (results.json, report.md, report.html, plots/)."""
+
+
+def domain_orders(domains: list[str], n: int, seed: int) -> list[list[str]]:
+    orders = [list(domains)]
+    rng = random.Random(seed)
+    while len(orders) < n:
+        perm = list(domains)
+        rng.shuffle(perm)
+        if perm not in orders or len(domains) < 3:
+            orders.append(perm)
+    return orders
+
+
+def run_bench(bc: BenchConfig, progress=print) -> dict:
+    """Run every (strategy, order), write results.json and the report; return the results."""
+    unknown = [s for s in bc.strategies if s not in STRATEGIES and s not in REFERENCE]
+    if unknown:
+        raise UserError(
+            f"unknown strategies {unknown}; choose from {', '.join([*REFERENCE, *STRATEGIES])}"
+        )
+    out = Path(bc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_bench_data(bc, out / "data")
+    peak = measure_matmul_peak()
+    results = {"herllm_version": __version__, "date": time.strftime("%Y-%m-%d"), "config": asdict(bc),
+               "machine": machine_info(peak), "domains": data.domains, "runs": []}  # fmt: skip
+    for k, order in enumerate(domain_orders(data.domains, bc.orders, bc.seed)):
+        for strategy in bc.strategies:
+            progress(f"[bench] order {k} ({', '.join(order)}): {strategy}")
+            results["runs"].append(run_one(bc, data, strategy, order, k, peak))
+            gc.collect()
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+    results["summary"] = summarize(results["runs"])
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def machine_info(peak: float) -> dict:
+    import os
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "matmul_peak_gflops": peak}  # fmt: skip
+
+
+def run_one(
+    bc: BenchConfig, data: BenchData, strategy: str, order: list[str], k: int, peak: float
+) -> dict:
+    record = {
+        "strategy": strategy,
+        "seed": bc.seed + k,
+        "order": order,
+        "status": "ok",
+        "reason": None,
+    }
+    if strategy in STRATEGIES and STRATEGIES[strategy].missing:
+        return record | {"status": "not_implemented", "reason": STRATEGIES[strategy].missing}
+    try:
+        return record | Sequence(bc, data, strategy, order, k, peak).run()
+    except UserError:
+        raise
+    except Exception as exc:  # a failed run is reported as failed, never as a made-up row
+        return record | {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+
+
+class Sequence:
+    """One learner over one domain order, paused by the evaluator inside every domain."""
+
+    def __init__(self, bc, data, strategy, order, k, peak):
+        self.bc, self.data, self.strategy, self.order, self.peak = bc, data, strategy, order, peak
+        self.run_dir = Path(bc.out) / "runs" / f"{strategy}-order{k}"
+        if strategy == "joint":
+            self.files = [data.joint_file(bc.seed + k)]
+        else:
+            self.files = [data.train_files[d] for d in order]
+        self.overrides = [] if strategy in REFERENCE else strategy_overrides(strategy)
+        self.seed = bc.seed + k
+
+    def make_learner(self):
+        import shutil
+
+        from herllm.learner import Learner
+
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        cfg = build_config(None, [
+            f"model.name_or_path={self.bc.model}", f"run_dir={self.run_dir}",
+            "stream.sources=[" + ",".join(str(f) for f in self.files) + "]",
+            f"stream.seq_len={self.bc.seq_len}", f"train.batch_size={self.bc.batch_size}",
+            f"train.lr={self.bc.lr}", f"lora.r={self.bc.lora_r}", f"lora.alpha={2 * self.bc.lora_r}",
+            f"train.seed={self.seed}", "checkpoint.every_steps=1000000", "eval.every_steps=1000000",
+            "replay.capacity=20000", *self.overrides,
+        ])  # fmt: skip
+        return Learner(cfg, show_progress=False)
+
+    def run(self) -> dict:
+        learner = self.make_learner()
+        model, tok = learner.s.model, learner.s.tokenizer
+        meter = Meter().start()
+        trace: list[dict] = []
+        rows, general, probe_rows = [], [], []
+
+        def evaluate(segment: int, at_end: bool) -> None:
+            losses, gen = self.data.suite.losses(model, self.order)
+            c = learner.s.counters
+            trace.append({"step": learner.s.step, "tokens": c["tokens_trained"], "seconds": meter.seconds,
+                          "segment": segment, "losses": losses, "general": gen})  # fmt: skip
+            if at_end:
+                rows.append(losses)
+                general.append(gen)
+                probe_rows.append(self.data.suite.probe_accuracy(model, tok, self.order))
+
+        evaluate(0 if self.strategy != "joint" else -1, at_end=True)
+        if self.strategy != "base":
+            self.train(learner, meter, evaluate)
+        T = len(self.order)
+        while (
+            len(rows) < T + 1
+        ):  # base: every row is the untrained model; joint: all rows are its end
+            rows.append(rows[-1])
+            general.append(general[-1])
+            probe_rows.append(probe_rows[-1])
+        return self.finish(learner, meter, trace, rows, general, probe_rows)
+
+    def train(self, learner, meter, evaluate) -> None:
+        budgets = [self.data.tokens[f] for f in self.files]
+        ends = np.cumsum(budgets)
+        e = self.bc.evals_per_domain * (len(self.order) if self.strategy == "joint" else 1)
+        for i, end in enumerate(ends):
+            start = ends[i - 1] if i else 0
+            for j in range(1, e + 1):
+                with meter:
+                    learner.run(until_tokens=int(start + (end - start) * j / e))
+                evaluate(-1 if self.strategy == "joint" else i, at_end=(j == e))
+
+    def finish(self, learner, meter, trace, rows, general, probe_rows) -> dict:
+        L = np.array(rows)
+        P = np.array(probe_rows, dtype=float) if probe_rows[0] is not None else None
+        s = learner.s
+        intrinsic = None
+        if self.bc.intrinsic:
+            intrinsic = intrinsic_signals(
+                s.model, s.tokenizer, self.data.suite.general_batches, seed=self.seed
+            )
+        c = s.counters
+        wall = meter.seconds
+        fpt = train_flops_per_token(s.model, self.bc.seq_len)
+        flops = c["tokens_trained"] * fpt + c["tokens_scored"] * fpt / 2
+        n_params = sum(p.numel() for p in s.model.parameters())
+        trainable = sum(p.numel() for p in s.trainable)
+        switch = self.switch_indices(trace)
+        result = {
+            "loss_matrix": L.tolist(),
+            "probe_matrix": P.tolist() if P is not None else None,
+            "general_loss": general,
+            "trace": trace,
+            "switch_steps": switch,
+            "metrics": self.metrics(L, P, general, trace),
+            "cost": {
+                "wall_seconds": wall,
+                "tokens_trained": c["tokens_trained"],
+                "tokens_scored": c["tokens_scored"],
+                "train_tokens_per_s": c["tokens_trained"] / wall if wall else None,
+                "peak_rss_mb": peak_rss_mb(),
+                "trainable_params": trainable,
+                "added_params": trainable if self.strategy != "base" else 0,
+                "total_params": n_params,
+                "buffer_rows": len(s.buffer) if s.buffer else 0,
+                "buffer_bytes": s.buffer.size_bytes if s.buffer else 0,
+                "flops_per_token": fpt,
+                "mfu": (flops / wall / (self.peak * 1e9)) if wall else None,
+                "contention_cpu_seconds": meter.contention,
+            },  # fmt: skip
+            "intrinsic": intrinsic,
+            "routing": None,
+        }
+        learner.close()
+        return result
+
+    def switch_indices(self, trace: list[dict]) -> list[int]:
+        """Trace index of the evaluation at the start of each domain (the first is 0)."""
+        if self.strategy in REFERENCE:
+            return [0]
+        starts, prev = [0], 0
+        for idx, r in enumerate(trace):
+            if r["segment"] != prev:
+                starts.append(idx - 1)
+                prev = r["segment"]
+        return starts
+
+    def metrics(self, L, P, general, trace) -> dict:
+        out = {"avg_final_loss": M.average_final_loss(L), "avg_final_ppl": M.average_perplexity(L),
+               "general_delta": M.general_ability_delta(general)}  # fmt: skip
+        if P is not None:
+            out["avg_final_acc"] = finite_or_none(M.average_accuracy(P))
+        if self.strategy in REFERENCE or len(self.order) < 2:
+            return out
+        steps = np.arange(len(trace))
+        losses = np.array([r["losses"] for r in trace])
+        switch = self.switch_indices(trace)[1:]
+        speed = M.adaptation_speed(
+            steps, losses, switch, [r["tokens"] for r in trace], [r["seconds"] for r in trace]
+        )
+        out |= {
+            "bwt_loss": M.backward_transfer(-L), "forgetting_loss": M.forgetting_loss(L),
+            "fwt_loss": M.forward_transfer(-L), "plasticity": M.plasticity(L),
+            "stability_gap": M.stability_gap(steps, losses, switch).mean,
+            "adapt_tokens_mean": float(np.nanmean(speed.tokens)), "adapt_seconds_mean": float(np.nanmean(speed.seconds)),
+        }  # fmt: skip
+        if P is not None:
+            out["forgetting_acc"] = finite_or_none(M.forgetting(P))
+            out["bwt_acc"] = finite_or_none(M.backward_transfer(P))
+        return {k: finite_or_none(v) for k, v in out.items()}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean, std and count over runs (orders/seeds) of every metric and cost figure, per strategy."""
+    out: dict[str, dict] = {}
+    for r in runs:
+        if r["status"] != "ok":
+            continue
+        values = {
+            **r["metrics"],
+            **{k: v for k, v in r["cost"].items() if isinstance(v, int | float)},
+        }
+        for key, v in values.items():
+            if v is not None:
+                out.setdefault(r["strategy"], {}).setdefault(key, []).append(float(v))
+    return {s: {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for k, v in d.items()}
+            for s, d in out.items()}  # fmt: skip

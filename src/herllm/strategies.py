@@ -1,0 +1,59 @@
+"""Named strategies: data, not subclasses. Each is a set of config choices for the one loop.
+
+A strategy names which selector, buffer policy and replay mix the loop uses (and, as the
+protection and expansion work lands, which regularizers, meta-step and adapter policy). The
+benchmark and `herllm adapt --strategy NAME` both read this table, so comparisons are fair:
+every method runs through the same loop with the same model, data and budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from herllm.errors import UserError
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    description: str
+    overrides: tuple[str, ...] = ()
+    """Config overrides (`section.key=value`) that define the strategy."""
+    missing: str | None = None
+    """Why the strategy cannot run yet; None when it is implemented."""
+
+
+_NOT_YET = "needs the protection work (regularizers wired into the loop) that has not landed"
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy("naive", "fine-tune LoRA on the stream as it comes; no memory",
+                 ("select.policy=all", "replay.ratio=0", "replay.capacity=0")),
+        Strategy("replay", "naive + uniform (reservoir) replay of past experience, 25% of each batch",
+                 ("select.policy=all", "replay.policy=reservoir", "replay.ratio=0.25")),
+        Strategy("ewc", "online EWC (diagonal Fisher)", missing=_NOT_YET),
+        Strategy("mas", "memory-aware synapses (label-free importance)", missing=_NOT_YET),
+        Strategy("si", "synaptic intelligence (path integral)", missing=_NOT_YET),
+        Strategy("lwf", "KL anchor to the model at the last shift (LwF)", missing=_NOT_YET),
+        Strategy("mer", "replay + Reptile meta-experience replay", missing=_NOT_YET),
+        Strategy("olora", "a new orthogonal LoRA adapter per detected region",
+                 missing="needs the progressive-expansion work (new adapters, routing) that has not landed"),
+        Strategy("her", "uncertainty selection + priority replay + general replay + dynamic "
+                 "regularization + meta replay + shift-triggered consolidation", missing=_NOT_YET),
+    )
+}  # fmt: skip
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise UserError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def strategy_overrides(name: str) -> list[str]:
+    """Config overrides for `name`; a strategy that cannot run yet is a clear error."""
+    strategy = get_strategy(name)
+    if strategy.missing:
+        raise UserError(f"strategy {name!r} is not available yet: {strategy.missing}")
+    return list(strategy.overrides)

@@ -1,0 +1,496 @@
+"""Forgetting protection: penalties that keep the adapter where earlier knowledge needs it.
+
+Each regularizer is a small object the loop calls explicitly (see ``Regularizer``)::
+
+    loss = lm_loss + sum(w * r.penalty(model, batch=anchor_batch) for r, w in ...)
+    loss.backward()
+    for r in regs: r.after_backward(model)     # gradients are available
+    optimizer.step()
+    for r in regs: r.after_step(model)         # gradients must still be present (SI reads them)
+    ...
+    on a detected shift: for r in regs: r.consolidate(model, replay_batches)
+
+"Parameters" are those with ``requires_grad=True`` (the LoRA weights of a ``peft.PeftModel``).
+Importances and anchors live on the parameters' device and dtype. A parameter that stops being
+trainable (a frozen adapter) cannot drift, so it is dropped at the next consolidation; one that
+appears after a consolidation (a grown adapter) is not penalised until the next one.
+
+Quadratic penalties are ``sum_i Omega_i * (theta_i - theta*_i)^2`` with no constant factor: the
+loop scales them, normally through ``DynamicStrength``, so only their shape matters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Batch = Mapping[str, Tensor]
+
+
+@runtime_checkable
+class Regularizer(Protocol):
+    """What the loop needs from a forgetting-protection method.
+
+    ``needs_batch`` tells the loop whether ``penalty`` must get the current replay/general batch
+    (``KLAnchor``); quadratic penalties ignore ``batch``.
+    """
+
+    needs_batch: bool
+
+    def penalty(self, model: nn.Module, batch: Batch | None = None) -> Tensor:
+        """Scalar, differentiable; exactly 0 before the first ``consolidate``."""
+        ...
+
+    def consolidate(self, model: nn.Module, batches: Iterable[Batch]) -> None:
+        """Close a knowledge unit: fold its importance in and re-anchor at the current params."""
+        ...
+
+    def after_backward(self, model: nn.Module) -> None: ...
+
+    def after_step(self, model: nn.Module) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters the loop trains (``requires_grad=True``), by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """Detached copies of the trainable parameters (same device and dtype)."""
+    return {n: p.detach().clone() for n, p in trainable_params(model).items()}
+
+
+def _zero(model: nn.Module) -> Tensor:
+    params = trainable_params(model)
+    if not params:
+        raise ValueError(
+            "model has no trainable parameters; attach LoRA adapters (herllm.models) first"
+        )
+    return torch.zeros((), device=next(iter(params.values())).device)
+
+
+def _clone(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: t.detach().clone() for n, t in tensors.items()}
+
+
+def _check_kind(obj: object, state: dict) -> None:
+    kind = type(obj).__name__
+    if state.get("kind") != kind:
+        raise ValueError(
+            f"{kind}.load_state_dict got state of kind {state.get('kind')!r}; "
+            f"load the state saved by a {kind}"
+        )
+
+
+def _acc_dtype(p: Tensor) -> torch.dtype:
+    """Accumulate in at least fp32: bf16/fp16 sums of many small terms lose them."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+def _model_inputs(sample: Batch, device: torch.device) -> dict[str, Tensor]:
+    """The keys a HF causal LM forward accepts, moved to the model's device."""
+    ids = sample["input_ids"].to(device)
+    mask = sample.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+_SAMPLE_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def _per_sample_grad_mean(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    objective: Callable[[nn.Module, Batch], Tensor | None],
+    stat: Callable[[Tensor], Tensor],
+) -> dict[str, Tensor]:
+    """Mean over samples of ``stat(d objective / d theta)``, one backward pass per sample.
+
+    Per-sample gradients are what the diagonal Fisher and MAS define; squaring a batch gradient
+    would cancel the per-sample noise that the Fisher is meant to measure. Consolidation is rare,
+    so the cost (one pass per sample) is paid a few times per run.
+    """
+    params = trainable_params(model)
+    names = list(params)
+    acc = {n: torch.zeros_like(p, dtype=_acc_dtype(p)) for n, p in params.items()}
+    count = 0
+    was_training = model.training
+    model.eval()  # importance of the deterministic function, without adapter dropout noise
+    try:
+        for batch in batches:
+            for i in range(batch["input_ids"].shape[0]):
+                sample = {k: batch[k][i : i + 1] for k in _SAMPLE_KEYS if k in batch}
+                value = objective(model, sample)
+                if value is None:
+                    continue
+                grads = torch.autograd.grad(value, [params[n] for n in names], allow_unused=True)
+                for n, g in zip(names, grads, strict=True):
+                    if g is not None:
+                        acc[n] += stat(g.to(acc[n].dtype))
+                count += 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError(
+            "consolidate got no sample with a loss (empty batches or all labels -100); "
+            "pass a few replay batches with labels"
+        )
+    return {n: (a / count).to(params[n].dtype) for n, a in acc.items()}
+
+
+def _lm_loss(model: nn.Module, sample: Batch) -> Tensor | None:
+    """Mean next-token NLL of one sample, or None when it has no labelled token."""
+    labels = sample["labels"]
+    if not bool((labels[..., 1:] != -100).any()):
+        return None
+    device = _device_of(model)
+    return model(**_model_inputs(sample, device), labels=labels.to(device)).loss
+
+
+def _logit_sq_norm(model: nn.Module, sample: Batch) -> Tensor:
+    """Mean over real tokens of ||logits||^2: MAS's label-free output sensitivity."""
+    inputs = _model_inputs(sample, _device_of(model))
+    logits = model(**inputs).logits.float()  # (1, T, V)
+    mask = inputs["attention_mask"].float()  # (1, T)
+    return (logits.pow(2).sum(-1) * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(iter(trainable_params(model).values())).device
+
+
+class _Quadratic:
+    """Shared machinery of EWC / MAS / SI: importance Omega and anchor theta*."""
+
+    needs_batch = False
+
+    def __init__(self, gamma: float = 1.0) -> None:
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(
+                f"gamma={gamma} is outside [0, 1]; use 1.0 to keep all past importance"
+            )
+        self.gamma = gamma
+        self.importance: dict[str, Tensor] = {}
+        self.anchor: dict[str, Tensor] = {}
+        self.n_consolidations = 0
+
+    def penalty(self, model: nn.Module, batch: Batch | None = None) -> Tensor:
+        total = _zero(model)
+        params = trainable_params(model)
+        for name, omega in self.importance.items():
+            p = params.get(name)
+            if p is None:  # frozen since the last consolidation: it cannot drift
+                continue
+            total = total + (omega * (p - self.anchor[name]).float().pow(2)).sum()
+        return total
+
+    def _fold(self, model: nn.Module, new: Mapping[str, Tensor]) -> None:
+        """Omega <- gamma * Omega + Omega_new; anchor <- current params."""
+        params = trainable_params(model)
+        folded = {}
+        for name, p in params.items():
+            old = self.importance.get(name)
+            fresh = new.get(name, torch.zeros_like(p))
+            folded[name] = fresh if old is None else self.gamma * old + fresh
+        self.importance = folded
+        self.anchor = snapshot(model)
+        self.n_consolidations += 1
+
+    def after_backward(self, model: nn.Module) -> None:
+        return None
+
+    def after_step(self, model: nn.Module) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": type(self).__name__,
+            "importance": _clone(self.importance),
+            "anchor": _clone(self.anchor),
+            "n_consolidations": self.n_consolidations,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_kind(self, state)
+        self.importance = _clone(state["importance"])
+        self.anchor = _clone(state["anchor"])
+        self.n_consolidations = int(state["n_consolidations"])
+
+
+class OnlineEWC(_Quadratic):
+    """Online EWC (Schwarz et al. 2018): diagonal empirical Fisher of the LM loss.
+
+    ``consolidate`` computes ``F_new = mean_x (d NLL(x) / d theta)^2`` over the given batches'
+    samples, folds ``F <- gamma * F + F_new`` and anchors at the current parameters.
+    Memory: two copies of the trainable parameters (F and the anchor).
+    """
+
+    def consolidate(self, model: nn.Module, batches: Iterable[Batch]) -> None:
+        self._fold(model, _per_sample_grad_mean(model, batches, _lm_loss, lambda g: g.pow(2)))
+
+
+class MAS(_Quadratic):
+    """Memory Aware Synapses (Aljundi et al. 2018): label-free output sensitivity.
+
+    ``Omega_new = mean_x |d ||logits(x)||^2 / d theta|`` with ``||.||^2`` averaged over real
+    tokens (``attention_mask``), so labels are not used. Folded like ``OnlineEWC``.
+    Memory: two copies of the trainable parameters.
+    """
+
+    def consolidate(self, model: nn.Module, batches: Iterable[Batch]) -> None:
+        self._fold(model, _per_sample_grad_mean(model, batches, _logit_sq_norm, torch.abs))
+
+
+class SI(_Quadratic):
+    """Synaptic Intelligence (Zenke et al. 2017): importance from the training path itself.
+
+    Each step adds ``omega -= grad * (theta_after - theta_before)`` (the loss decrease each
+    parameter is credited with, using the gradient that drove the step: read in ``after_step``,
+    so clipping in between is accounted for). At ``consolidate``, with ``Delta`` the move since the
+    unit began, ``Omega <- gamma * Omega + relu(omega / (Delta^2 + xi))`` and omega restarts.
+    The relu is ours: noisy minibatches and Adam can make a path integral negative, and a
+    negative weight would push parameters away from the anchor. ``batches`` are not used.
+
+    Memory: four copies (Omega, anchor = unit start, omega, parameters before the step), the
+    least a path integral allows; omega accumulates in at least fp32. ``xi`` damps parameters that barely moved; LoRA moves are small
+    (|Delta| ~ 1e-3..1e-2), hence the default 1e-3 instead of the paper's 0.1.
+    """
+
+    def __init__(self, xi: float = 1e-3, gamma: float = 1.0) -> None:
+        super().__init__(gamma)
+        if xi <= 0:
+            raise ValueError(f"SI xi={xi} must be > 0 (it damps Omega where Delta ~ 0); try 1e-3")
+        self.xi = xi
+        self.omega: dict[str, Tensor] = {}
+        self._before: dict[str, Tensor] = {}
+
+    def after_backward(self, model: nn.Module) -> None:
+        for name, p in trainable_params(model).items():
+            if name not in self.anchor:  # first sight: the unit (or this adapter) starts here
+                self.anchor[name] = p.detach().clone()
+            if name in self._before:
+                self._before[name].copy_(p.detach())
+            else:
+                self._before[name] = p.detach().clone()
+
+    def after_step(self, model: nn.Module) -> None:
+        if not self._before:
+            raise ValueError(
+                "SI.after_step called without SI.after_backward; call it after backward"
+            )
+        for name, p in trainable_params(model).items():
+            before = self._before.get(name)
+            if before is None or p.grad is None:
+                continue
+            acc = _acc_dtype(p)
+            step_credit = -p.grad.detach().to(acc) * (p.detach() - before).to(acc)
+            if name in self.omega:
+                self.omega[name] += step_credit
+            else:
+                self.omega[name] = step_credit
+        self._before.clear()
+
+    def consolidate(self, model: nn.Module, batches: Iterable[Batch]) -> None:
+        new = {}
+        for name, p in trainable_params(model).items():
+            if name in self.omega and name in self.anchor:
+                delta = (p.detach() - self.anchor[name]).to(self.omega[name].dtype)
+                omega = (self.omega[name] / (delta.pow(2) + self.xi)).clamp_min(0.0)
+                new[name] = omega.to(p.dtype)
+        self._fold(model, new)
+        self.omega = {}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "omega": _clone(self.omega)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.omega = _clone(state["omega"])
+        self._before = {}
+
+
+class KLAnchor:
+    """KL to a frozen reference on a given batch: LwF and general-sample replay in one object.
+
+    ``penalty(model, batch)`` is ``T^2 * mean_tokens KL(p_ref(.|x; T) || p_model(.|x; T))`` over the
+    real tokens (``attention_mask``) of ``batch``: feed the current batch for LwF, a replay or
+    general-text batch for replay distillation. It costs one no-grad reference forward and one
+    forward with grad on ``batch``. After the first consolidation, ``batch=None`` is an error.
+
+    ``reference="base"``: the base model, adapters off (``PeftModel.disable_adapter()``); no copy.
+    Call ``consolidate(model, [])`` once at the start to protect the base model from step 0.
+    ``reference="last"``: the model at the last consolidation (one copy of the adapter weights),
+    evaluated with ``torch.func.functional_call`` so the live parameters are never touched.
+    A parameter created after the last consolidation is anchored at its value when first seen.
+    """
+
+    needs_batch = True
+
+    def __init__(self, reference: Literal["base", "last"] = "last", temperature: float = 1.0):
+        if reference not in ("base", "last"):
+            raise ValueError(f"KLAnchor reference={reference!r}; use 'base' or 'last'")
+        if temperature <= 0:
+            raise ValueError(f"KLAnchor temperature={temperature} must be > 0; LwF used 2.0")
+        self.reference = reference
+        self.temperature = temperature
+        self.active = False
+        self.anchor: dict[str, Tensor] = {}
+
+    def penalty(self, model: nn.Module, batch: Batch | None = None) -> Tensor:
+        if not self.active:
+            return _zero(model)
+        if batch is None:
+            raise ValueError(
+                "KLAnchor.penalty needs batch=: pass the replay/general batch (needs_batch=True)"
+            )
+        inputs = _model_inputs(batch, _device_of(model))
+        was_training = model.training
+        model.eval()  # a deterministic target: no adapter dropout in the reference
+        try:
+            with torch.no_grad():
+                ref_logits = self._reference_logits(model, inputs)  # (B, T, V)
+        finally:
+            model.train(was_training)
+        logits = model(**inputs).logits  # (B, T, V)
+        return _masked_kl(ref_logits, logits, inputs["attention_mask"], self.temperature)
+
+    def _reference_logits(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        if self.reference == "base":
+            with model.disable_adapter():
+                return model(**inputs).logits
+        for name, p in trainable_params(model).items():
+            if name not in self.anchor:
+                self.anchor[name] = p.detach().clone()
+        present = dict(model.named_parameters())
+        swap = {n: t for n, t in self.anchor.items() if n in present}
+        return functional_call(model, swap, args=(), kwargs=inputs, strict=False).logits
+
+    def consolidate(self, model: nn.Module, batches: Iterable[Batch]) -> None:
+        self.active = True
+        if self.reference == "last":
+            self.anchor = snapshot(model)
+
+    def after_backward(self, model: nn.Module) -> None:
+        return None
+
+    def after_step(self, model: nn.Module) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": "KLAnchor",
+            "reference": self.reference,
+            "active": self.active,
+            "anchor": _clone(self.anchor),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_kind(self, state)
+        if state["reference"] != self.reference:
+            raise ValueError(
+                f"KLAnchor state has reference={state['reference']!r} but this object uses "
+                f"{self.reference!r}; build KLAnchor(reference={state['reference']!r})"
+            )
+        self.active = bool(state["active"])
+        self.anchor = _clone(state["anchor"])
+
+
+def _masked_kl(ref_logits: Tensor, logits: Tensor, mask: Tensor, temperature: float) -> Tensor:
+    """T^2 * mean over mask of KL(softmax(ref/T) || softmax(logits/T)), in fp32."""
+    log_p = F.log_softmax(ref_logits.float() / temperature, dim=-1)  # (B, T, V)
+    log_q = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, T, V)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T)
+    m = mask.float()
+    return (kl * m).sum() / m.sum().clamp_min(1.0) * temperature**2
+
+
+class DynamicStrength:
+    """Penalty weights that keep ``w * penalty ~= ratio * lm_loss``, with ``ratio`` set online.
+
+    ``weight(name, penalty, lm_loss)`` tracks EMAs of both magnitudes and returns
+    ``ratio * ema(lm_loss) / ema(penalty)`` (capped at ``max_weight``), so one setting works across
+    model sizes and importance scales. Each named penalty gets the same ``ratio``.
+    Caveat: right after a consolidation the penalty is tiny and its weight large; the effect is a
+    trust region whose radius shrinks with ``ratio`` (the EMA and the cap keep it smooth).
+
+    ``observe(old_loss_delta, new_loss_progress)`` adapts ``ratio`` from stability signals, in
+    nats since the previous call: forgetting (held-out loss on earlier units rose by more than
+    ``forget_tolerance``) multiplies it by ``1 + adapt_rate``; otherwise a new region not being
+    learned (progress <= ``progress_tolerance``) divides it. Forgetting wins when both happen.
+    """
+
+    def __init__(
+        self,
+        target_ratio: float = 0.1,
+        decay: float = 0.99,
+        min_ratio: float = 0.01,
+        max_ratio: float = 1.0,
+        adapt_rate: float = 0.25,
+        forget_tolerance: float = 0.01,
+        progress_tolerance: float = 0.0,
+        max_weight: float = 1e8,
+    ) -> None:
+        if not 0 < min_ratio <= target_ratio <= max_ratio:
+            raise ValueError(
+                f"DynamicStrength needs 0 < min_ratio <= target_ratio <= max_ratio, got "
+                f"{min_ratio}, {target_ratio}, {max_ratio}"
+            )
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"DynamicStrength decay={decay} is outside [0, 1); try 0.99")
+        self.ratio = target_ratio
+        self.decay = decay
+        self.min_ratio, self.max_ratio = min_ratio, max_ratio
+        self.adapt_rate = adapt_rate
+        self.forget_tolerance = forget_tolerance
+        self.progress_tolerance = progress_tolerance
+        self.max_weight = max_weight
+        self.lm_ema: dict[str, float] = {}  # per name: each pair is updated once per step
+        self.penalty_ema: dict[str, float] = {}
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1.0 - self.decay) * new
+
+    def weight(self, name: str, penalty: Tensor | float, lm_loss: Tensor | float) -> float:
+        """Update the EMAs with this step's magnitudes and return the weight for ``name``."""
+        pen = float(penalty.detach()) if isinstance(penalty, Tensor) else float(penalty)
+        lm = float(lm_loss.detach()) if isinstance(lm_loss, Tensor) else float(lm_loss)
+        if not (math.isfinite(pen) and math.isfinite(lm)):
+            raise ValueError(f"DynamicStrength.weight got penalty={pen}, lm_loss={lm} for {name!r}")
+        if pen <= 0.0:  # zero before consolidation: nothing to scale yet
+            return 0.0
+        self.lm_ema[name] = self._ema(self.lm_ema.get(name), abs(lm))
+        self.penalty_ema[name] = self._ema(self.penalty_ema.get(name), pen)
+        return min(self.ratio * self.lm_ema[name] / self.penalty_ema[name], self.max_weight)
+
+    def observe(self, old_loss_delta: float, new_loss_progress: float) -> float:
+        """Raise ``ratio`` on forgetting, lower it when the new region stalls; returns it."""
+        if old_loss_delta > self.forget_tolerance:
+            self.ratio *= 1.0 + self.adapt_rate
+        elif new_loss_progress <= self.progress_tolerance:
+            self.ratio /= 1.0 + self.adapt_rate
+        self.ratio = min(max(self.ratio, self.min_ratio), self.max_ratio)
+        return self.ratio
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": "DynamicStrength",
+            "ratio": self.ratio,
+            "lm_ema": dict(self.lm_ema),
+            "penalty_ema": dict(self.penalty_ema),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_kind(self, state)
+        self.ratio = float(state["ratio"])
+        self.lm_ema = dict(state["lm_ema"])
+        self.penalty_ema = dict(state["penalty_ema"])
