@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import platform
 import random
 import time
@@ -69,12 +70,17 @@ class BenchConfig:
 
 
 def domain_orders(domains: list[str], n: int, seed: int) -> list[list[str]]:
+    """Order 0 as given, then distinct seeded permutations."""
+    if n > math.factorial(len(domains)):
+        raise UserError(
+            f"--orders {n} is more than the {math.factorial(len(domains))} orders of {len(domains)} domains"
+        )
     orders = [list(domains)]
     rng = random.Random(seed)
     while len(orders) < n:
         perm = list(domains)
         rng.shuffle(perm)
-        if perm not in orders or len(domains) < 3:
+        if perm not in orders:
             orders.append(perm)
     return orders
 
@@ -142,6 +148,9 @@ class Sequence:
         else:
             self.files = [data.train_files[d] for d in order]
         self.overrides = [] if strategy in REFERENCE else strategy_overrides(strategy)
+        general = Path(bc.stream_dir) / "general" / "train.txt" if bc.stream_dir else None
+        if general is not None and general.is_file():  # a user stream brings its own general text
+            self.overrides.append(f"replay.general_sources=[{general}]")
         self.seed = bc.seed + k
 
     def make_learner(self):
@@ -196,8 +205,9 @@ class Sequence:
         for i, end in enumerate(ends):
             start = ends[i - 1] if i else 0
             for j in range(1, e + 1):
-                with meter:
-                    learner.run(until_tokens=int(start + (end - start) * j / e))
+                last = i == len(ends) - 1 and j == e
+                with meter:  # the very last pause drains the stream: nothing read is left untrained
+                    learner.run(until_tokens=None if last else int(start + (end - start) * j / e))
                 evaluate(-1 if self.strategy == "joint" else i, at_end=(j == e))
 
     def finish(self, learner, meter, trace, rows, general, probe_rows) -> dict:
@@ -221,7 +231,7 @@ class Sequence:
             "probe_matrix": P.tolist() if P is not None else None,
             "general_loss": general,
             "trace": trace,
-            "switch_steps": switch,
+            "switch_steps": [trace[i]["step"] for i in switch],
             "metrics": self.metrics(L, P, general, trace),
             "cost": {
                 "wall_seconds": wall,
@@ -293,5 +303,6 @@ def summarize(runs: list[dict]) -> dict:
         for key, v in values.items():
             if v is not None:
                 out.setdefault(r["strategy"], {}).setdefault(key, []).append(float(v))
-    return {s: {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for k, v in d.items()}
+    return {s: {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+                for k, v in d.items()}
             for s, d in out.items()}  # fmt: skip

@@ -158,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results_dir", help="a directory written by herllm bench")
     report.set_defaults(func=cmd_report)
 
+    ledger = sub.add_parser("ledger", help="print a run's knowledge units (the learning history)")
+    ledger.add_argument("run", help="a run directory")
+    ledger.add_argument("--json", action="store_true", help="print the raw ledger records")
+    ledger.set_defaults(func=cmd_ledger)
+
+    rb = sub.add_parser(
+        "rollback", help="restore the adapters and trainer state saved when a unit closed"
+    )
+    rb.add_argument("run", help="a run directory")
+    rb.add_argument(
+        "--to", required=True, metavar="UNIT", help="unit id, e.g. unit-0002 (see herllm ledger)"
+    )
+    rb.set_defaults(func=cmd_rollback)
+
     from herllm.pretrain import PretrainConfig
 
     pre = sub.add_parser("pretrain", help="pretrain a small Llama base model from scratch")
@@ -267,6 +281,56 @@ def cmd_report(args: argparse.Namespace) -> int:
     from herllm.evaluate.report import report_main
 
     return report_main(args.results_dir)
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from herllm.memory.ledger import read_ledger, unit_table
+
+    records = read_ledger(args.run)
+    if args.json:
+        for r in records:
+            print(json.dumps(r))
+        return 0
+    table = Table(title=f"knowledge units of {args.run}")
+    for col in (
+        "unit",
+        "status",
+        "steps",
+        "tokens",
+        "seen",
+        "selected",
+        "opened by",
+        "ref. loss",
+        "depends on",
+    ):
+        table.add_column(col, no_wrap=col == "unit")
+    for u in unit_table(records):
+        ev = u.get("opened_by")
+        table.add_row(
+            u["unit"], u["status"] + (" (rolled back to)" if u.get("rollbacks") else ""),
+            f"{u['opened_step']}-{u.get('closed_step', '')}", f"{u['opened_tokens']:,}-{u.get('closed_tokens', '')}",
+            str(u.get("samples_seen", "")), str(u.get("samples_selected", "")),
+            f"shift ({ev['direction']}, z={ev['rep_z']:.1f})" if ev else "start",
+            f"{u['reference_loss']:.3f}" if "reference_loss" in u else "",
+            ", ".join(d["unit"] for d in u.get("dependencies", [])),
+        )  # fmt: skip
+    Console().print(table)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from herllm.units import rollback
+
+    path = rollback(args.run, args.to)
+    print(
+        f"rolled back {args.run} to {args.to}: new checkpoint {path}; continue with herllm adapt --resume {args.run}"
+    )
+    return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

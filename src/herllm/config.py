@@ -88,6 +88,48 @@ class ReplayConfig:
     """With `priority`: sampling probability proportional to score ** alpha."""
     refresh_scores: bool = True
     """With `priority`: re-score replayed rows with the current model as they are used."""
+    general_ratio: float = 0.0
+    """Share of each batch drawn from general text (protects general ability; 0 = none)."""
+    general_sources: list[str] = field(default_factory=list)
+    """General text files or folders; empty = the bundled general corpus."""
+    general_windows: int = 2000
+    """General windows kept in memory to sample from."""
+
+
+@dataclass
+class ProtectConfig:
+    regularizers: list[str] = field(default_factory=list)
+    """Penalties protecting earlier knowledge: any of ewc, mas, si, kl (empty = none)."""
+    kl_reference: str = "last"
+    """With kl: anchor to the model at the last consolidation (`last`, LwF) or the `base` model."""
+    strength: float = 0.1
+    """Each penalty's target size as a share of the LM loss (the weight is set online to keep it)."""
+    dynamic: bool = True
+    """Adapt the share online: up when earlier units are forgotten, down when nothing new is learned."""
+    consolidate_batches: int = 4
+    """Batches (of recent training data) used to estimate importances at a consolidation."""
+    consolidate_every: int = 0
+    """Also consolidate every this many steps (0 = only at detected shifts)."""
+    reptile_every: int = 0
+    """Reptile meta-step every this many optimizer steps (0 disables meta-experience replay)."""
+    reptile_epsilon: float = 0.5
+    """Reptile interpolation: theta <- anchor + epsilon * (theta - anchor)."""
+    observe_every: int = 20
+    """Steps between stability observations that adapt the penalty share."""
+
+
+@dataclass
+class ShiftConfig:
+    detect: bool = False
+    """Detect shifts in the stream (no labels): close the knowledge unit and consolidate."""
+    warmup: int = 100
+    """Samples that set a new unit's score scale before detection starts."""
+    cooldown: int = 300
+    """Samples after a shift during which no new one is raised."""
+    rep_z_threshold: float = 4.0
+    """Confirmation level: how far (in standard errors) recent representations must move."""
+    confirm_with_reps: bool = True
+    """Require the representation statistic to confirm a score change before raising a shift."""
 
 
 @dataclass
@@ -148,6 +190,10 @@ class RunConfig:
     """What to replay."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The update step."""
+    protect: ProtectConfig = field(default_factory=ProtectConfig)
+    """Protection of earlier knowledge (regularizers, meta-experience replay)."""
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
+    """Task-free shift detection."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Durability."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -182,11 +228,32 @@ class RunConfig:
                 f"replay.ratio={self.replay.ratio} leaves no new experiences in a batch of "
                 f"train.batch_size={self.train.batch_size}; lower the ratio"
             )
+        for name in self.protect.regularizers:
+            _choice("protect.regularizers", name, ("ewc", "mas", "si", "kl"))
+        _choice("protect.kl_reference", self.protect.kl_reference, ("last", "base"))
+        if self.protect.strength <= 0:
+            raise ConfigError(f"protect.strength={self.protect.strength} must be > 0")
+        if not 0.0 < self.protect.reptile_epsilon <= 1.0:
+            raise ConfigError(
+                f"protect.reptile_epsilon={self.protect.reptile_epsilon} must be in (0, 1]"
+            )
+        if not 0.0 <= self.replay.general_ratio < 1.0:
+            raise ConfigError(f"replay.general_ratio={self.replay.general_ratio} must be in [0, 1)")
+        if self.replay_per_batch + self.general_per_batch >= self.train.batch_size:
+            raise ConfigError(
+                f"replay.ratio={self.replay.ratio} + replay.general_ratio={self.replay.general_ratio} "
+                f"leave no new experiences in a batch of {self.train.batch_size}; lower them"
+            )
         if self.checkpoint.keep < 2:
             raise ConfigError(f"checkpoint.keep={self.checkpoint.keep} must be >= 2")
         if self.lora.dropout < 0 or self.lora.dropout >= 1:
             raise ConfigError(f"lora.dropout={self.lora.dropout} must be in [0, 1)")
         return self
+
+    @property
+    def general_per_batch(self) -> int:
+        """General-text rows in each training batch."""
+        return int(round(self.replay.general_ratio * self.train.batch_size))
 
     @property
     def replay_per_batch(self) -> int:

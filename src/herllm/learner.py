@@ -1,7 +1,9 @@
-"""The learner: acquire -> score -> select -> mix with replay -> update -> checkpoint -> evaluate.
+"""The learner: acquire -> score -> detect shift -> select -> mix with replay -> update ->
+checkpoint -> evaluate.
 
 `Learner.run` is the whole loop and reads top to bottom; each phase is a named helper below it.
-Set-up (model, stream, buffer, resume) lives in `herllm.setup`, so this file is only the loop.
+Set-up (model, stream, buffer, protection, resume) lives in `herllm.setup`, knowledge-unit
+bookkeeping in `herllm.units`, so this file is only the loop.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from herllm.acquire.chunks import Experience, to_batch
 from herllm.config import RunConfig
 from herllm.memory.replay import BufferItem
 from herllm.progress import LoopProgress
-from herllm.refine.scoring import score_batch, token_stats
+from herllm.refine.scoring import sample_nll, score_batch
 from herllm.setup import RunState, build_state, load_checkpoint, save_checkpoint
+from herllm.units import close_unit, open_first_unit
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,6 +39,10 @@ class Summary:
     selected: int
     skipped_by_selection: int
     replayed: int
+    general_replayed: int
+    shifts: int
+    consolidations: int
+    reptile_steps: int
     bad_inputs_skipped: int
     buffer_rows: int
     nonfinite_skipped: int
@@ -74,17 +81,17 @@ class Learner:
         caller such as the benchmark can evaluate and call `run` again)."""
         s, cfg = self.s, self.cfg
         self.until_tokens = until_tokens
-        if s.step == 0 and not s.evaluated_at_start:
-            self.evaluate()
-            s.evaluated_at_start = True
+        self.start()  # first call only: baseline evaluation, first knowledge unit
         with LoopProgress(cfg.train.max_steps or None, s.step, self.show_progress) as bar:
             while not self.budget_spent():
-                new = self.acquire()  # acquire + score + select (+ record in the buffer)
+                new = self.acquire()  # read -> score -> detect shift -> select -> remember
                 if not new:
                     break  # the stream is exhausted
-                replay = self.sample_replay()
-                loss = self.update(new, replay)
+                replay = self.sample_replay()  # past experience from the buffer
+                general = self.sample_general()  # general text that protects general ability
+                loss = self.update(new, replay, general)  # LM loss + protection, one step
                 s.step += 1
+                self.stabilize()  # periodic consolidation and strength adaptation
                 if s.step % cfg.checkpoint.every_steps == 0:
                     save_checkpoint(s)
                 if s.step % cfg.eval.every_steps == 0:
@@ -96,10 +103,17 @@ class Learner:
         return self.summary()
 
     # -- phases -----------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.s
+        if s.step == 0 and not s.evaluated_at_start:
+            self.evaluate()
+            s.evaluated_at_start = True
+        if s.ledger.current is None:
+            open_first_unit(s)
+        s.protection.start(s.model)
+
     def budget_spent(self) -> bool:
-        t = self.cfg.train
-        c = self.s.counters
-        until = self.until_tokens
+        t, c, until = self.cfg.train, self.s.counters, self.until_tokens
         return (
             (t.max_steps > 0 and self.s.step >= t.max_steps)
             or (t.max_tokens > 0 and c["tokens_streamed"] >= t.max_tokens)
@@ -109,14 +123,22 @@ class Learner:
     def acquire(self) -> list[Experience]:
         """Read and score windows until a batch's worth of new experiences is selected."""
         s = self.s
-        want = self.cfg.train.batch_size - self.cfg.replay_per_batch
+        want = self.cfg.train.batch_size - self.cfg.replay_per_batch - self.cfg.general_per_batch
         while len(s.pending) < want and not s.stream_done:
             windows = s.next_windows(self.cfg.select.score_batch_size)
             if not windows:
                 s.stream_done = True
                 break
             scores = score_batch(s.model, s.to_device(to_batch(windows)))
+            if s.detector is not None:
+                event = s.detector.update(
+                    torch.stack([scores.nll, scores.entropy], 1), scores.reps, s.step
+                )
+                if event is not None:
+                    close_unit(s, event)  # close the unit, consolidate, open the next one
             chosen = s.selector.select(scores.nll.numpy())
+            s.ledger.observe([(w.input_ids[: w.n_tokens], w.loss_mask[: w.n_tokens]) for w in windows],
+                             chosen, scores.reps)  # fmt: skip
             self.remember(windows, scores.nll.numpy(), step=s.step)
             s.pending.extend(w for w, keep in zip(windows, chosen, strict=True) if keep)
             c = s.counters
@@ -144,17 +166,27 @@ class Learner:
             return []
         return self.s.buffer.sample(k)
 
-    def update(self, new: list[Experience], replay: list) -> float:
-        """One optimizer step on new + replay experiences; non-finite losses are skipped."""
+    def sample_general(self) -> list[Experience]:
+        k = self.cfg.general_per_batch
+        return self.s.general.sample(k) if k and self.s.general is not None else []
+
+    def update(self, new: list[Experience], replay: list, general: list[Experience]) -> float:
+        """One optimizer step on new + replay + general experiences; non-finite losses are skipped."""
         s = self.s
         rows = [s.row_to_experience(r) for r in replay]
-        batch = s.to_device(to_batch(new + rows))
+        batch = s.to_device(to_batch(new + rows + general))
         s.model.train()
         out = s.model(**batch)
-        loss = out.loss
+        lm_loss = out.loss
+        loss = (
+            lm_loss + s.protection.penalty(s.model, batch, lm_loss)
+            if s.protection.active
+            else lm_loss
+        )
         if not torch.isfinite(loss):
             return self.skip_nonfinite(float(loss.detach()))
         s.accelerator.backward(loss)
+        s.protection.after_backward(s.model)
         if self.cfg.train.grad_clip > 0:
             norm = s.accelerator.clip_grad_norm_(s.trainable, self.cfg.train.grad_clip)
             if not torch.isfinite(torch.as_tensor(norm)):
@@ -163,19 +195,42 @@ class Learner:
         s.snapshot_good_weights()  # these weights gave a finite loss: the state to fall back to
         s.optimizer.step()
         s.scheduler.step()
+        s.counters["reptile_steps"] += int(s.protection.after_step(s.model, s.optimizer))
         s.optimizer.zero_grad(set_to_none=True)
         s.nonfinite_streak = 0
-        if replay and self.cfg.replay.policy == "priority" and self.cfg.replay.refresh_scores:
-            nll, _, _ = token_stats(out.logits.detach()[len(new) :], batch["labels"][len(new) :])
-            s.buffer.update_scores([r.row_id for r in replay], nll.cpu().tolist())
+        self.track_losses(out.logits.detach(), batch["labels"], len(new), replay)
         c = s.counters
         c["tokens_trained"] += int(batch["attention_mask"].sum())
         c["replayed"] += len(replay)
-        return float(loss.detach())
+        c["general_replayed"] += len(general)
+        return float(lm_loss.detach())
+
+    def track_losses(self, logits, labels, n_new: int, replay: list) -> None:
+        """Per-sample losses feed priority refresh and the stability signals (EMAs)."""
+        s = self.s
+        refresh = (
+            bool(replay) and self.cfg.replay.policy == "priority" and self.cfg.replay.refresh_scores
+        )
+        if not (refresh or (s.protection.regs and self.cfg.protect.dynamic)):
+            return  # nobody needs them: keep the step as cheap as a bare training step
+        nll = sample_nll(logits[: n_new + len(replay)], labels[: n_new + len(replay)])  # (n,)
+        s.stability.update(float(nll[:n_new].mean()), float(nll[n_new:].mean()) if replay else None)
+        if refresh:
+            s.buffer.update_scores([r.row_id for r in replay], nll[n_new:].cpu().tolist())
+
+    def stabilize(self) -> None:
+        """Periodic consolidation (if asked) and adaptation of the penalty strength."""
+        s, p = self.s, self.cfg.protect
+        if p.consolidate_every and s.step % p.consolidate_every == 0 and s.protection.regs:
+            s.protection.consolidate(s.model, s.unit_batches())
+            s.counters["consolidations"] += 1
+        if s.protection.regs and p.dynamic and s.step % p.observe_every == 0:
+            s.protection.observe(*s.stability.signals())
 
     def skip_nonfinite(self, value: float) -> float:
         """Skip this step, restore the last good adapter weights, stop if it keeps happening."""
         s = self.s
+        s.optimizer.zero_grad(set_to_none=True)
         s.nonfinite_streak += 1
         s.counters["nonfinite_skipped"] += 1
         s.restore_good_weights()
@@ -191,37 +246,29 @@ class Learner:
         """Mean held-out NLL per eval file, appended to metrics.jsonl."""
         s = self.s
         results = s.evaluate_heldout()
-        record = {
-            "step": s.step,
-            "time": time.time(),
-            "eval_nll": results,
-            **{k: s.counters[k] for k in ("tokens_streamed", "tokens_trained", "selected")},
+        counts = {
+            k: s.counters[k] for k in ("tokens_streamed", "tokens_trained", "selected", "shifts")
         }
-        s.log_metrics(record)
+        s.log_metrics({"step": s.step, "time": time.time(), "eval_nll": results, **counts})
         if s.eval_first is None:
             s.eval_first = results
         s.eval_last = results
         return results
 
     def summary(self) -> Summary:
-        s = self.s
-        c = s.counters
+        s, c = self.s, self.s.counters
         wall = c["train_seconds"] + (time.perf_counter() - s.started)
+        keys = ("windows_read", "tokens_streamed", "tokens_scored", "tokens_trained", "selected",
+                "skipped_by_selection", "replayed", "general_replayed", "shifts", "consolidations",
+                "reptile_steps", "nonfinite_skipped")  # fmt: skip
         return Summary(
             run_dir=str(s.run_dir),
             steps=s.step,
-            windows_read=c["windows_read"],
-            tokens_streamed=c["tokens_streamed"],
-            tokens_scored=c["tokens_scored"],
-            tokens_trained=c["tokens_trained"],
-            selected=c["selected"],
-            skipped_by_selection=c["skipped_by_selection"],
-            replayed=c["replayed"],
             bad_inputs_skipped=s.source_stats.skipped_count,
             buffer_rows=len(s.buffer) if s.buffer else 0,
-            nonfinite_skipped=c["nonfinite_skipped"],
             wall_seconds=wall,
             train_tokens_per_s=c["tokens_trained"] / wall if wall > 0 else 0.0,
             eval_first=s.eval_first or {},
             eval_last=s.eval_last or {},
+            **{k: c[k] for k in keys},
         )

@@ -26,12 +26,17 @@ from herllm.acquire.cursor import load_cursor, save_cursor
 from herllm.acquire.sources import SourceStats, read_documents
 from herllm.config import RunConfig, save_yaml
 from herllm.errors import UserError
+from herllm.memory.general import GeneralSampler
+from herllm.memory.ledger import Ledger, count_lines, truncate_lines
 from herllm.memory.replay import ReplayBuffer
 from herllm.models import ADAPTER_NAME, attach_lora, load_base
 from herllm.refine.scoring import mean_nll
 from herllm.refine.select import build_selector
+from herllm.refine.shift import ShiftDetector
+from herllm.update.protection import Protection, StabilityTracker
 
 COUNTERS = (
+    "general_replayed", "shifts", "consolidations", "reptile_steps",
     "windows_read", "tokens_streamed", "tokens_scored", "tokens_trained", "selected",
     "skipped_by_selection", "replayed", "nonfinite_skipped",
 )  # fmt: skip
@@ -52,6 +57,11 @@ class RunState:
     packer: Packer
     source_stats: SourceStats
     eval_sets: dict[str, list[dict]]
+    protection: Protection
+    detector: ShiftDetector | None
+    ledger: Ledger
+    general: GeneralSampler | None
+    stability: StabilityTracker = field(default_factory=StabilityTracker)
     step: int = 0
     pending: list[Experience] = field(default_factory=list)
     stream_done: bool = False
@@ -91,15 +101,27 @@ class RunState:
 
     def row_to_experience(self, row) -> Experience:
         """A replay row (unpadded) back into a padded window."""
+        return self.window_to_experience(row.input_ids, row.loss_mask, f"{row.doc_id}@{row.offset}")
+
+    def window_to_experience(
+        self, ids: np.ndarray, mask: np.ndarray | None, key: str = ""
+    ) -> Experience:
         t = self.cfg.stream.seq_len
-        n = len(row.input_ids)
-        ids = np.full(t, self.packer.pad_id, dtype=np.int32)
-        ids[:n] = row.input_ids
-        mask = np.zeros(t, dtype=bool)
-        mask[:n] = True if row.loss_mask is None else row.loss_mask
+        n = len(ids)
+        padded = np.full(t, self.packer.pad_id, dtype=np.int32)
+        padded[:n] = ids
+        loss = np.zeros(t, dtype=bool)
+        loss[:n] = True if mask is None else mask
         attn = np.zeros(t, dtype=bool)
         attn[:n] = True
-        return Experience(f"{row.doc_id}@{row.offset}", row.doc_id, row.offset, -1, ids, mask, attn)
+        doc, _, off = key.rpartition("@")
+        return Experience(key, doc, int(off or 0), -1, padded, loss, attn)
+
+    def unit_batches(self) -> list[dict]:
+        """A uniform sample of the current knowledge unit, as batches (for consolidation)."""
+        from herllm.units import reservoir_batches
+
+        return reservoir_batches(self, self.ledger.current.reservoir) if self.ledger.current else []
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
@@ -173,6 +195,15 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
     if accelerator.is_main_process and not resume:
         save_yaml(cfg, run_dir / "config.yaml")
     sel = cfg.select
+    sh = cfg.shift
+    detector = None
+    if sh.detect:
+        detector = ShiftDetector(channels=("nll", "entropy"), warmup=sh.warmup, cooldown=sh.cooldown,
+                                 rep_z_threshold=sh.rep_z_threshold, confirm_with_reps=sh.confirm_with_reps)  # fmt: skip
+    general = None
+    if cfg.replay.general_ratio > 0:
+        general = GeneralSampler(tokenizer, cfg.stream.seq_len, cfg.replay.general_sources,
+                                 cfg.replay.general_windows, cfg.train.seed)  # fmt: skip
     return RunState(
         cfg=cfg,
         run_dir=run_dir,
@@ -187,6 +218,10 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
         packer=Packer(tokenizer, cfg.stream.seq_len),
         source_stats=SourceStats(),
         eval_sets=load_eval_sets(cfg, tokenizer, accelerator.device),
+        protection=Protection(cfg.protect),
+        detector=detector,
+        ledger=Ledger(run_dir, seed=cfg.train.seed, writer=accelerator.is_main_process),
+        general=general,
     )
 
 
@@ -251,6 +286,12 @@ def trainer_state(s: RunState) -> dict:
         "eval_last": s.eval_last,
         "evaluated_at_start": s.evaluated_at_start,
         "nonfinite_streak": s.nonfinite_streak,
+        "protection": s.protection.state_dict(),
+        "detector": s.detector.state_dict() if s.detector is not None else None,
+        "ledger": s.ledger.state_dict(),
+        "general": s.general.state_dict() if s.general is not None else None,
+        "stability": s.stability.state_dict(),
+        "metrics_lines": count_lines(s.run_dir / "metrics.jsonl"),
     }
 
 
@@ -278,6 +319,15 @@ def load_checkpoint(s: RunState) -> None:
     s.eval_first, s.eval_last = state["eval_first"], state["eval_last"]
     s.evaluated_at_start = state["evaluated_at_start"]
     s.nonfinite_streak = state["nonfinite_streak"]
+    s.protection.load_state_dict(state["protection"])
+    if s.detector is not None and state["detector"] is not None:
+        s.detector.load_state_dict(state["detector"])
+    s.ledger.load_state_dict(state["ledger"])  # also drops ledger lines written after it
+    if s.general is not None and state["general"] is not None:
+        s.general.load_state_dict(state["general"])
+    s.stability.load_state_dict(state["stability"])
+    if s.accelerator.is_main_process:  # evaluations logged after the checkpoint happen again
+        truncate_lines(s.run_dir / "metrics.jsonl", state["metrics_lines"])
     s.packer = Packer(
         s.tokenizer, s.cfg.stream.seq_len, load_cursor(path / "cursor.json", s.cfg.stream.sources)
     )

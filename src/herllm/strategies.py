@@ -23,24 +23,33 @@ class Strategy:
     """Why the strategy cannot run yet; None when it is implemented."""
 
 
-_NOT_YET = "needs the protection work (regularizers wired into the loop) that has not landed"
+_EXPAND = "needs the progressive-expansion work (new adapters, routing) that has not landed"
+_SHIFT = ("shift.detect=true",)
+_PLAIN = ("select.policy=all", "replay.ratio=0", "replay.capacity=0")
 
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
-        Strategy("naive", "fine-tune LoRA on the stream as it comes; no memory",
-                 ("select.policy=all", "replay.ratio=0", "replay.capacity=0")),
+        Strategy("naive", "fine-tune LoRA on the stream as it comes; no memory", _PLAIN),
         Strategy("replay", "naive + uniform (reservoir) replay of past experience, 25% of each batch",
                  ("select.policy=all", "replay.policy=reservoir", "replay.ratio=0.25")),
-        Strategy("ewc", "online EWC (diagonal Fisher)", missing=_NOT_YET),
-        Strategy("mas", "memory-aware synapses (label-free importance)", missing=_NOT_YET),
-        Strategy("si", "synaptic intelligence (path integral)", missing=_NOT_YET),
-        Strategy("lwf", "KL anchor to the model at the last shift (LwF)", missing=_NOT_YET),
-        Strategy("mer", "replay + Reptile meta-experience replay", missing=_NOT_YET),
-        Strategy("olora", "a new orthogonal LoRA adapter per detected region",
-                 missing="needs the progressive-expansion work (new adapters, routing) that has not landed"),
-        Strategy("her", "uncertainty selection + priority replay + general replay + dynamic "
-                 "regularization + meta replay + shift-triggered consolidation", missing=_NOT_YET),
+        Strategy("ewc", "online EWC (diagonal Fisher), consolidated at each detected shift",
+                 (*_PLAIN, *_SHIFT, "protect.regularizers=[ewc]")),
+        Strategy("mas", "memory-aware synapses (label-free importance), consolidated at each shift",
+                 (*_PLAIN, *_SHIFT, "protect.regularizers=[mas]")),
+        Strategy("si", "synaptic intelligence (path integral), consolidated at each shift",
+                 (*_PLAIN, *_SHIFT, "protect.regularizers=[si]")),
+        Strategy("lwf", "KL to the model at the last shift on the current batch (LwF)",
+                 (*_PLAIN, *_SHIFT, "protect.regularizers=[kl]", "protect.kl_reference=last")),
+        Strategy("mer", "reservoir replay + Reptile meta-experience replay",
+                 ("select.policy=all", "replay.policy=reservoir", "replay.ratio=0.25",
+                  "protect.reptile_every=50", "protect.reptile_epsilon=0.5")),
+        Strategy("olora", "a new orthogonal LoRA adapter per detected region", missing=_EXPAND),
+        Strategy("her", "uncertainty selection + priority replay + general replay + dynamic MAS + "
+                 "Reptile + shift-triggered consolidation",
+                 ("select.policy=uncertain", "select.fraction=0.75", "replay.policy=priority",
+                  "replay.ratio=0.25", "replay.general_ratio=0.125", "protect.regularizers=[mas]",
+                  "protect.reptile_every=50", "protect.reptile_epsilon=0.5", *_SHIFT)),
     )
 }  # fmt: skip
 

@@ -1,0 +1,123 @@
+"""Knowledge units: what happens at a detected shift, snapshots, and rollback.
+
+At a shift the loop calls `close_unit`: measure the closing unit's own held-out loss (its
+reservoir of samples) and re-measure every earlier unit's (stability), consolidate the
+regularizers on a uniform sample of the closing unit, record the unit in the ledger, save the
+adapters and trainer state under `units/<id>/`, and open the next unit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from herllm import checkpoint as ckpt
+from herllm.errors import UserError
+from herllm.models import ADAPTER_NAME
+from herllm.refine.scoring import mean_nll
+
+
+def reservoir_batches(
+    s, reservoir: list[tuple[np.ndarray, np.ndarray]], batch_size: int = 8
+) -> list[dict]:
+    """A unit's reservoir windows as padded model batches on the device."""
+    from herllm.acquire.chunks import to_batch
+
+    exps = [s.window_to_experience(ids, mask) for ids, mask in reservoir]
+    return [
+        s.to_device(to_batch(exps[i : i + batch_size])) for i in range(0, len(exps), batch_size)
+    ]
+
+
+def open_first_unit(s) -> None:
+    s.ledger.open_unit(s.step, s.counters["tokens_streamed"], event=None)
+
+
+def close_unit(s, event) -> None:
+    """Close the current unit at a detected shift and open the next one (see module doc)."""
+    unit = s.ledger.current
+    own = reservoir_batches(s, unit.reservoir)
+    ref_loss = mean_nll(s.model, own)[0] if own else float("nan")
+    stability = {
+        uid: round(mean_nll(s.model, reservoir_batches(s, u["reference"]))[0], 5)
+        for uid, u in s.ledger.closed.items()
+        if u["reference"]
+    }
+    if s.protection.regs and own:
+        s.protection.consolidate(s.model, own)
+        s.counters["consolidations"] += 1
+    tokens = s.counters["tokens_streamed"]
+    s.ledger.close_unit(s.step, tokens, [ADAPTER_NAME], ref_loss, stability)
+    save_unit_snapshot(s, unit.id)
+    record = {k: (v.item() if hasattr(v, "item") else v) for k, v in vars(event).items()}
+    s.ledger.open_unit(s.step, tokens, event=record)
+    s.counters["shifts"] += 1
+    s.log_event({"event": "shift", "step": s.step, "closed": unit.id, **record})
+
+
+def save_unit_snapshot(s, unit_id: str) -> None:
+    """Adapters (PEFT format) and the trainer state as they were when the unit closed."""
+    if not s.accelerator.is_main_process:
+        return
+    root = s.run_dir / "units"
+    tmp = root / f".tmp-{unit_id}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = s.accelerator.unwrap_model(s.model)
+    model.save_pretrained(tmp / "adapters" / ADAPTER_NAME, selected_adapters=[ADAPTER_NAME])
+    torch.save({"step": s.step, "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+                "protection": s.protection.state_dict()}, tmp / "trainer.pt")  # fmt: skip
+    ckpt.fsync_tree(tmp)
+    final = root / unit_id
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def rollback(run_dir: str | Path, unit_id: str) -> Path:
+    """Write a new checkpoint whose adapters and trainer state are those saved when `unit_id`
+    closed; the stream position, buffer and counters stay where the run is (knowledge goes back,
+    the data already read is not read again). Returns the new checkpoint directory."""
+    from herllm.memory.ledger import read_ledger
+    from herllm.memory.replay import ReplayBuffer
+
+    run = Path(run_dir)
+    closed = {r["unit"]: r for r in read_ledger(run) if r["type"] == "close"}
+    if unit_id not in closed:
+        raise UserError(
+            f"unit {unit_id!r} has not closed in {run}; closed units: {', '.join(closed) or 'none'}"
+        )
+    snap = run / closed[unit_id]["snapshot"]
+    if not (snap / "trainer.pt").is_file():
+        raise UserError(f"snapshot {snap} is missing; the run directory was edited by hand")
+    buffer = ReplayBuffer.open(run / "replay.sqlite") if (run / "replay.sqlite").exists() else None
+    latest = ckpt.resume_point(run / "checkpoints", buffer.committed_step if buffer else None)
+    if latest is None:
+        raise UserError(f"{run} has no checkpoint to roll back from")
+    state = torch.load(latest / "trainer.pt", weights_only=False)
+    unit_state = torch.load(snap / "trainer.pt", weights_only=False)
+    for key in ("optimizer", "scheduler", "protection"):
+        state[key] = unit_state[key]
+    state["step"] += 1  # a rollback takes a step number, so the buffer can commit with it
+    state["rolled_back_to"] = unit_id
+    state["ledger"]["count"] += 1  # the rollback record below is part of this checkpoint
+    tmp = ckpt.begin(run / "checkpoints", state["step"])
+    shutil.copytree(snap / "adapters", tmp / "adapters")
+    shutil.copy2(latest / "cursor.json", tmp / "cursor.json")
+    torch.save(state, tmp / "trainer.pt")
+    final = ckpt.publish(tmp)
+    record = {
+        "type": "rollback",
+        "to": unit_id,
+        "step": state["step"],
+        "from_step": state["step"] - 1,
+    }
+    with open(run / "ledger.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    if buffer is not None:  # the commit makes the rollback checkpoint the one to resume from
+        buffer.commit(state["step"])
+        buffer.close()
+    return final

@@ -1,0 +1,61 @@
+"""A micro benchmark end to end: tiny model, 2 domains, references + 2 strategies."""
+
+import json
+import random
+
+import pytest
+
+from herllm.bench import BenchConfig, domain_orders, run_bench
+
+pytestmark = pytest.mark.slow
+
+
+def make_stream_dir(root):
+    rng = random.Random(0)
+    vocab = {
+        "alpha": "river lamp ledger valley keeper window".split(),
+        "beta": "def return class self import yield".split(),
+    }
+    for name, words in vocab.items():
+        (root / name).mkdir(parents=True)
+        for split, n in (("train", 60), ("test", 10)):
+            docs = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(n)]
+            (root / name / f"{split}.txt").write_text("\n\x1e\n".join(docs))
+    (root / "general").mkdir()  # general held-out text: no train.txt, so not a stream domain
+    (root / "general" / "test.txt").write_text("the keeper writes the day into the ledger. " * 40)
+    return root
+
+
+def test_micro_bench_writes_well_formed_results(tmp_path, tiny_model_dir):
+    stream = make_stream_dir(tmp_path / "stream")
+    bc = BenchConfig(stream_dir=str(stream), strategies=["base", "joint", "naive", "replay", "olora"], orders=1,
+                     tokens_per_domain=1500, evals_per_domain=2, eval_windows=4, probe_items=0, intrinsic=True,
+                     model=str(tiny_model_dir), seq_len=32, batch_size=4, lr=0.01, lora_r=4, out=str(tmp_path / "out"))  # fmt: skip
+    results = run_bench(bc, progress=lambda m: None)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["domains"] == ["alpha", "beta"] and saved["config"]["tokens_per_domain"] == 1500
+    runs = {r["strategy"]: r for r in saved["runs"]}
+    assert runs["olora"]["status"] == "not_implemented" and "loss_matrix" not in runs["olora"]
+    for name in ("base", "joint", "naive", "replay"):
+        r = runs[name]
+        assert r["status"] == "ok", r.get("reason")
+        L = r["loss_matrix"]
+        assert len(L) == 3 and all(len(row) == 2 for row in L)
+        assert r["cost"]["wall_seconds"] >= 0 and r["intrinsic"]["cka"]
+    assert runs["base"]["loss_matrix"][2] == runs["base"]["loss_matrix"][0]  # untrained
+    naive = runs["naive"]
+    assert naive["loss_matrix"][1][0] < naive["loss_matrix"][0][0]  # learned domain 1
+    assert naive["loss_matrix"][2][1] < naive["loss_matrix"][0][1]  # learned domain 2
+    assert len(naive["trace"]) == 5
+    assert naive["switch_steps"] == [0, naive["trace"][2]["step"]]  # steps, each with an evaluation
+    assert naive["metrics"]["forgetting_loss"] is not None
+    assert naive["cost"]["tokens_trained"] >= 2 * 1500 * 0.9
+    assert runs["replay"]["cost"]["buffer_rows"] > 0 and naive["cost"]["buffer_rows"] == 0
+    assert set(results["summary"]) == {"base", "joint", "naive", "replay"}
+
+
+def test_domain_orders_are_distinct_permutations():
+    orders = domain_orders(["a", "b", "c", "d"], 3, seed=0)
+    assert orders[0] == ["a", "b", "c", "d"]
+    assert len({tuple(o) for o in orders}) == 3
+    assert all(sorted(o) == ["a", "b", "c", "d"] for o in orders)
