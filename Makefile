@@ -8,7 +8,7 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-fast demo lint format bench-step bench-buffer clean
+.PHONY: install test test-fast demo lint format bench bench-quick bench-step bench-buffer bench-shift clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,18 @@ format: install
 
 bench-step: install
 	$(BIN)/python benchmarks/bench_step.py --out results/bench_step.json
+
+# 4 domains, reference rows + naive/replay/her, 1 order: under 10 minutes on a 2-core CPU.
+bench-quick: install
+	$(BIN)/herllm bench --domains sotu,pycode,austen,kjv --strategies base,joint,naive,replay,her \
+		--orders 1 --tokens-per-domain 24000 --evals-per-domain 2 --out results/bench-quick
+
+# The full matrix: 8 domains, every strategy, 3 domain orders (meant for the background).
+bench: install
+	$(BIN)/herllm bench --orders 3 --out results/bench
+
+bench-shift: install
+	$(BIN)/python benchmarks/bench_shift.py --orders 3 --out results/bench_shift.json
 
 bench-buffer: install
 	$(BIN)/python benchmarks/bench_buffer.py --out results/bench_buffer.json

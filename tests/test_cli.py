@@ -126,3 +126,24 @@ def test_adapt_writes_run_dir_and_resume_continues(tmp_path, tiny_model_dir, cap
         capsys, "adapt", str(tmp_path / "d.txt"), *tiny_args(tiny_model_dir, run)
     )
     assert code == 2 and "already holds a run" in err
+
+
+@pytest.mark.parametrize("command", ["adapt", "pretrain", "demo"])
+def test_help_renders_every_generated_flag(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--" in out and "usage: herllm" in out
+    if command == "adapt":
+        assert "--train.lr" in out and "Peak learning rate" in out
+
+
+def test_unreachable_hub_fails_fast_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    (tmp_path / "d.txt").write_text("text " * 40)
+    code, _out, err = run_cli(capsys, "adapt", str(tmp_path / "d.txt"), "--model", "someorg/some-model",
+                              "--run-dir", str(tmp_path / "run"), "--quiet")  # fmt: skip
+    assert code == 2
+    assert "127.0.0.1 is not reachable (no network)" in err and "Traceback" not in err

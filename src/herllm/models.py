@@ -53,6 +53,23 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def check_hub_reachable(repo_id: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after a minute of retries, when the hub cannot be reached."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return  # from_pretrained will look in the local cache only, and fail at once if absent
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        raise ModelLoadError(
+            f"could not fetch model {repo_id!r}: {url.hostname} is not reachable (no network); "
+            "download it where there is network and pass its local directory to --model"
+        ) from None
+
+
 def pick_dtype(cfg: ModelConfig) -> torch.dtype:
     """fp32 on CPU (no fast bf16 there), bf16 on GPUs that support it, unless set."""
     if cfg.dtype == "float32":
@@ -70,6 +87,8 @@ def load_base(cfg: ModelConfig):
 
     path = resolve_model_path(cfg.name_or_path)
     is_local = Path(path).is_dir()
+    if not is_local:
+        check_hub_reachable(path)
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging

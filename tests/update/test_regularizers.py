@@ -15,12 +15,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from herllm.update.regularizers import (
     MAS,
     SI,
-    DynamicStrength,
     KLAnchor,
     OnlineEWC,
     Regularizer,
     trainable_params,
 )
+from herllm.update.strength import DynamicStrength
 
 VOCAB_USED = 16  # the synthetic domains use tokens 0..15 of the 64-token vocabulary
 

@@ -13,7 +13,8 @@ import torch
 
 from herllm.config import ProtectConfig
 from herllm.update.meta import Reptile
-from herllm.update.regularizers import MAS, SI, DynamicStrength, KLAnchor, OnlineEWC
+from herllm.update.regularizers import MAS, SI, KLAnchor, OnlineEWC
+from herllm.update.strength import DynamicStrength
 
 REGULARIZERS = {"ewc": OnlineEWC, "mas": MAS, "si": SI, "kl": KLAnchor}
 
