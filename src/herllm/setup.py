@@ -21,7 +21,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from herllm import checkpoint as ckpt
-from herllm.acquire.chunks import Experience, Packer, StreamPosition, to_batch
+from herllm.acquire.chunks import Experience, Packer, StreamPosition, padded_experience, to_batch
 from herllm.acquire.cursor import load_cursor, save_cursor
 from herllm.acquire.sources import SourceStats, read_documents
 from herllm.config import RunConfig, save_yaml
@@ -106,16 +106,7 @@ class RunState:
     def window_to_experience(
         self, ids: np.ndarray, mask: np.ndarray | None, key: str = ""
     ) -> Experience:
-        t = self.cfg.stream.seq_len
-        n = len(ids)
-        padded = np.full(t, self.packer.pad_id, dtype=np.int32)
-        padded[:n] = ids
-        loss = np.zeros(t, dtype=bool)
-        loss[:n] = True if mask is None else mask
-        attn = np.zeros(t, dtype=bool)
-        attn[:n] = True
-        doc, _, off = key.rpartition("@")
-        return Experience(key, doc, int(off or 0), -1, padded, loss, attn)
+        return padded_experience(key, -1, ids, mask, self.cfg.stream.seq_len, self.packer.pad_id)
 
     def unit_batches(self) -> list[dict]:
         """A uniform sample of the current knowledge unit, as batches (for consolidation)."""

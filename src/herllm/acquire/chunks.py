@@ -112,21 +112,13 @@ class Packer:
 
     def _emit(self, ids, mask, pieces, n: int) -> Experience:
         first_doc_index, first_doc_id, first_offset, _ = pieces[0]
-        t = self.seq_len
-        input_ids = np.full(t, self.pad_id, dtype=np.int32)
-        input_ids[:n] = ids[:n]
-        loss_mask = np.zeros(t, dtype=bool)
-        loss_mask[:n] = mask[:n]
-        attention = np.zeros(t, dtype=bool)
-        attention[:n] = True
-        exp = Experience(
-            key=f"{first_doc_id}@{first_offset}",
-            doc_id=first_doc_id,
-            offset=first_offset,
-            doc_index=first_doc_index,
-            input_ids=input_ids,
-            loss_mask=loss_mask,
-            attention_mask=attention,
+        exp = padded_experience(
+            f"{first_doc_id}@{first_offset}",
+            first_doc_index,
+            ids[:n],
+            mask[:n],
+            self.seq_len,
+            self.pad_id,
         )
         nxt = _advance(pieces, n, len(ids))
         pos = self.position
@@ -139,6 +131,22 @@ class Packer:
                 pieces[-1][0] + 1, 0, None, pos.windows + 1, pos.tokens + n
             )
         return exp
+
+
+def padded_experience(key: str, doc_index: int, ids, mask, seq_len: int, pad_id: int) -> Experience:
+    """A window of len(ids) <= seq_len real tokens, right-padded (attention and loss masked).
+
+    `key` is `<doc_id>@<offset>`; mask None means every real token counts in the loss.
+    """
+    n = len(ids)
+    input_ids = np.full(seq_len, pad_id, dtype=np.int32)
+    input_ids[:n] = ids
+    loss_mask = np.zeros(seq_len, dtype=bool)
+    loss_mask[:n] = True if mask is None else mask
+    attention = np.zeros(seq_len, dtype=bool)
+    attention[:n] = True
+    doc_id, _, offset = key.rpartition("@")
+    return Experience(key, doc_id, int(offset or 0), doc_index, input_ids, loss_mask, attention)
 
 
 def _advance(
