@@ -117,6 +117,8 @@ def test_adapt_writes_run_dir_and_resume_continues(tmp_path, tiny_model_dir, cap
     assert (run / "config.yaml").is_file() and (run / "replay.sqlite").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 3]
+    report = (run / "report" / "report.md").read_text()
+    assert "## Held-out loss" in report and (run / "report" / "heldout.png").stat().st_size > 1000
     code, out, err = run_cli(capsys, "adapt", "--resume", str(run), "--max-steps", "5", "--quiet")
     assert code == 0, err
     from herllm.checkpoint import list_checkpoints

@@ -216,7 +216,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     with Learner(cfg, resume=bool(args.resume), show_progress=not args.quiet) as learner:
         summary = learner.run()
     print_summary(summary)
+    print(f"report: {write_report(summary)}")
     return 0
+
+
+def write_report(summary) -> Path:
+    from herllm.evaluate.run_report import write_run_report
+
+    return write_run_report(summary.run_dir, dataclasses.asdict(summary))
 
 
 def print_summary(summary) -> None:
@@ -257,6 +264,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         table.add_row(Path(name).stem, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}")
     Console().print(table)
     print(f"run directory: {summary.run_dir}  (metrics.jsonl, checkpoints/, replay.sqlite)")
+    print(f"report: {write_report(summary)}")
     return 0
 
 
