@@ -21,7 +21,7 @@ from herllm.memory.replay import BufferItem
 from herllm.progress import LoopProgress
 from herllm.refine.scoring import sample_nll, score_batch
 from herllm.setup import RunState, build_state, load_checkpoint, save_checkpoint
-from herllm.units import close_unit, open_first_unit
+from herllm.units import close_unit, earlier_units_loss, open_first_unit
 
 
 class NonFiniteLossError(RuntimeError):
@@ -225,7 +225,7 @@ class Learner:
             s.protection.consolidate(s.model, s.unit_batches())
             s.counters["consolidations"] += 1
         if s.protection.regs and p.dynamic and s.step % p.observe_every == 0:
-            s.protection.observe(*s.stability.signals())
+            s.protection.observe(*s.stability.signals(units_loss=earlier_units_loss(s)))
 
     def skip_nonfinite(self, value: float) -> float:
         """Skip this step, restore the last good adapter weights, stop if it keeps happening."""

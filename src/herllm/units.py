@@ -33,6 +33,18 @@ def reservoir_batches(
     ]
 
 
+def earlier_units_loss(s, units: int = 4, windows: int = 8) -> float | None:
+    """Mean loss on a few samples of the latest closed units (None before any unit closed).
+
+    This is the forgetting signal of the dynamic strength: it rises when earlier knowledge is
+    being overwritten. A few windows of the last few units keep it cheap.
+    """
+    refs = [u["reference"][:windows] for u in list(s.ledger.closed.values())[-units:] if u["reference"]]
+    if not refs:
+        return None
+    return float(np.mean([mean_nll(s.model, reservoir_batches(s, r))[0] for r in refs]))
+
+
 def open_first_unit(s) -> None:
     s.ledger.open_unit(s.step, s.counters["tokens_streamed"], event=None)
 

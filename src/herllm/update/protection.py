@@ -121,11 +121,17 @@ class StabilityTracker:
         if replay_loss is not None:
             self.old = replay_loss if self.old is None else d * self.old + (1 - d) * replay_loss
 
-    def signals(self) -> tuple[float, float]:
+    def signals(self, units_loss: float | None = None) -> tuple[float, float]:
+        """(rise of the loss on earlier knowledge, fall of the new-sample loss) since the last call.
+
+        `units_loss`, the loss on samples of earlier knowledge units, is the direct measure of
+        forgetting; without closed units yet, the replay-loss EMA stands in for it.
+        """
+        old = units_loss if units_loss is not None else self.old
         last_old, last_new = self.last
-        old_delta = (self.old - last_old) if self.old is not None and last_old is not None else 0.0
+        old_delta = (old - last_old) if old is not None and last_old is not None else 0.0
         progress = (last_new - self.new) if self.new is not None and last_new is not None else 0.0
-        self.last = (self.old, self.new)
+        self.last = (old, self.new)
         return old_delta, progress
 
     def state_dict(self) -> dict:
