@@ -100,7 +100,7 @@ def run(args) -> dict:
         opt.zero_grad(set_to_none=True)
 
     def herllm_step(exps):
-        learner.update(exps, [])
+        learner.update(exps, [], [])
 
     def score_step(exps):
         score_batch(learner.s.model, learner.s.to_device(to_batch(exps)))

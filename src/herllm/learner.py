@@ -19,7 +19,7 @@ from herllm.acquire.chunks import Experience, to_batch
 from herllm.config import RunConfig
 from herllm.memory.replay import BufferItem
 from herllm.progress import LoopProgress
-from herllm.refine.scoring import sample_nll, score_batch
+from herllm.refine.scoring import Scores, sample_nll, score_batch
 from herllm.setup import RunState, build_state, load_checkpoint, save_checkpoint
 from herllm.units import close_unit, earlier_units_loss, open_first_unit
 
@@ -129,7 +129,7 @@ class Learner:
             if not windows:
                 s.stream_done = True
                 break
-            scores = score_batch(s.model, s.to_device(to_batch(windows)))
+            scores = self.score(windows)
             if s.detector is not None:
                 event = s.detector.update(
                     torch.stack([scores.nll, scores.entropy], 1), scores.reps, s.step
@@ -150,6 +150,17 @@ class Learner:
         batch, s.pending = s.pending[:want], s.pending[want:]
         return batch
 
+    def score(self, windows: list[Experience]) -> Scores:
+        """No-grad scores of new windows, when something uses them (selection, shift detection,
+        priority replay, knowledge units); plain fine-tuning and uniform replay skip the pass."""
+        s, cfg = self.s, self.cfg
+        needed = (cfg.select.policy != "all" or s.detector is not None or s.protection.regs
+                  or (s.buffer is not None and cfg.replay.policy == "priority"))  # fmt: skip
+        if needed:
+            return score_batch(s.model, s.to_device(to_batch(windows)))
+        nan = torch.full((len(windows),), float("nan"))
+        return Scores(nll=nan, entropy=nan, reps=None, tokens=0)
+
     def remember(self, windows: list[Experience], nll: np.ndarray, step: int) -> None:
         """Offer every read window (selected or not) to the replay buffer."""
         if self.s.buffer is None:
@@ -158,7 +169,8 @@ class Learner:
             BufferItem(w.doc_id, w.offset, w.input_ids[: w.n_tokens], w.loss_mask[: w.n_tokens])
             for w in windows
         ]
-        self.s.buffer.add(items, nll.tolist(), step=step)
+        # Unscored windows (uniform replay needs no score) are stored with score 0.
+        self.s.buffer.add(items, np.nan_to_num(nll, nan=0.0).tolist(), step=step)
 
     def sample_replay(self) -> list:
         k = self.cfg.replay_per_batch

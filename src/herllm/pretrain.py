@@ -127,7 +127,7 @@ def tokenize_corpus(cfg: PretrainConfig, tok, split: str) -> np.ndarray:
     if cache.exists():
         return np.load(cache)
     docs = data.load_documents(data.GENERAL, split)
-    ids = tok(docs, add_special_tokens=True)["input_ids"]
+    ids = tok(docs, add_special_tokens=True, verbose=False)["input_ids"]
     flat = np.fromiter(
         (t for seq in ids for t in [*seq, tok.eos_token_id]), dtype=np.uint16
     )  # (N,)

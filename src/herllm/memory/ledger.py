@@ -87,8 +87,9 @@ class Ledger:
         u = self.current
         u.seen += len(windows)
         u.selected += int(selected.sum())
-        r = reps.double().sum(0).numpy()
-        u.rep_sum = r if u.rep_sum is None else u.rep_sum + r
+        if reps is not None:  # None when the loop did not score (plain fine-tuning)
+            r = reps.double().sum(0).numpy()
+            u.rep_sum = r if u.rep_sum is None else u.rep_sum + r
         for w in windows:  # reservoir sampling keeps a uniform sample of the whole unit
             if len(u.reservoir) < self.reservoir_size:
                 u.reservoir.append(w)

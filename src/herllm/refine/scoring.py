@@ -29,9 +29,10 @@ def token_stats(
     logits = logits[:, :-1].float()  # (B, T-1, V)
     target = labels[:, 1:]  # (B, T-1)
     valid = target != -100  # (B, T-1)
-    logp = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
-    nll = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    ent = -(logp.exp() * logp).sum(-1)  # (B, T-1)
+    # Two (B, T-1, V) temporaries instead of three: H = logZ - sum p * logit, NLL = logZ - logit_y.
+    lse = torch.logsumexp(logits, dim=-1)  # (B, T-1)
+    nll = lse - logits.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (B, T-1)
     count = valid.sum(-1)  # (B,)
     denom = count.clamp_min(1)
     return (nll * valid).sum(-1) / denom, (ent * valid).sum(-1) / denom, count
@@ -51,7 +52,7 @@ def sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll.sum(-1) / count
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_batch(model, batch: dict) -> Scores:
     """One no-grad forward pass: NLL, entropy and pooled representation of every sample."""
     was_training = model.training

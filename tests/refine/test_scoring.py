@@ -1,0 +1,37 @@
+import torch
+from transformers import AutoModelForCausalLM
+
+from herllm.refine.scoring import mean_nll, sample_nll, score_batch, token_stats
+
+
+def batch_of(ids, mask_from=0):
+    ids = torch.tensor(ids)
+    labels = ids.clone()
+    labels[:, :mask_from] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_token_stats_match_hf_loss_and_direct_entropy(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    batch = batch_of([[1, 5, 9, 13, 17, 21, 25, 29], [2, 6, 10, 14, 18, 22, 26, 30]], mask_from=3)
+    with torch.no_grad():
+        out = model(**batch)
+    nll, ent, count = token_stats(out.logits, batch["labels"])
+    assert count.tolist() == [5, 5]
+    assert torch.allclose(nll.mean(), out.loss, atol=1e-5)  # equal counts: mean of means = HF mean
+    assert torch.allclose(sample_nll(out.logits, batch["labels"]), nll, atol=1e-5)
+    logp = torch.log_softmax(out.logits[:, 2:-1], -1)  # the predicting positions of labels 3..7
+    direct = -(logp.exp() * logp).sum(-1).mean(-1)
+    assert torch.allclose(ent, direct, atol=1e-5)
+    vocab = out.logits.shape[-1]
+    assert (ent > 0).all() and (ent <= torch.log(torch.tensor(float(vocab))) + 1e-5).all()
+
+
+def test_score_batch_and_mean_nll_agree(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.train()
+    batch = batch_of([[1, 5, 9, 13, 17, 21], [3, 7, 11, 15, 19, 23]])
+    scores = score_batch(model, batch)
+    assert model.training  # the pass restores the mode it found
+    assert scores.reps.shape == (2, model.config.hidden_size) and scores.tokens == 12
+    assert abs(float(scores.nll.mean()) - mean_nll(model, [batch])[0]) < 1e-5
