@@ -36,7 +36,7 @@ def run_order(args, data, order: list[str], k: int) -> dict:
     files = [data.train_files[d] for d in order]
     cfg = build_config(None, [*strategy_overrides(args.strategy), f"model.name_or_path={args.model}",
                               f"run_dir={run}", "stream.sources=[" + ",".join(map(str, files)) + "]",
-                              f"train.lr={args.lr}", f"train.seed={k}", "checkpoint.every_steps=1000000"])  # fmt: skip
+                              f"train.lr={args.lr}", f"train.seed={k}", "checkpoint.every_steps=1000000", *args.set])  # fmt: skip
     t0 = time.perf_counter()
     with Learner(cfg, show_progress=False) as learner:
         summary = learner.run()
@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--model", default="herllm-tiny")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--out", default="results/bench_shift.json")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = p.parse_args()
     from herllm.bench import BenchConfig, domain_orders
     from herllm.bench_data import load_bench_data

@@ -14,4 +14,9 @@ def test_delays_misses_and_false_alarms_hand_computed():
 
 def test_single_domain_has_only_false_alarms():
     r = match_events([], [5, 9], 10)
-    assert r == {"delays": [], "misses": 0, "false_alarms_per_domain": [2], "false_alarms_per_10k": 2000.0}
+    assert r == {
+        "delays": [],
+        "misses": 0,
+        "false_alarms_per_domain": [2],
+        "false_alarms_per_10k": 2000.0,
+    }

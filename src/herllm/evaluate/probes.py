@@ -12,7 +12,12 @@ text ``p + " " + c_k`` and sums the log-probabilities of the tokens of
 extra token, so ``acc_sum`` mostly rewards the shortest choice; averaging per
 token removes that bias (the "length-normalised" accuracy of lm-eval-harness).
 The builder draws distractors near the answer's length, which keeps the two
-close; both are returned so that a reader can see the gap.
+close; both are returned so that a reader can see the gap. Measured caveat
+(bundled base model, docs/base_model.md): on items whose choices are short
+names split into several tokens (kjv book: 18.5% mean vs 42% sum), the mean
+favours long names whose later tokens are predictable, so read ``acc_sum``
+there; learned/forgotten deltas use the same metric before and after, so
+either is consistent.
 """
 
 from __future__ import annotations
