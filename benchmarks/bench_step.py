@@ -112,9 +112,12 @@ def run(args) -> dict:
     block = args.block
     for start in range(0, args.steps, block):
         chunk = data[start : start + block]
-        for name, f in (("bare", bare_step), ("herllm", herllm_step), ("score", score_step)):
+        # Scoring runs as the learner runs it: select.score_batch_size (16) windows per pass.
+        per = max(1, args.score_batch // args.batch)
+        score_chunk = [sum(chunk[i : i + per], []) for i in range(0, len(chunk), per)]
+        for name, f, items in (("bare", bare_step, chunk), ("herllm", herllm_step, chunk), ("score", score_step, score_chunk)):
             t0 = time.perf_counter()
-            for exps in chunk:
+            for exps in items:
                 f(exps)
             times[name].append(len(chunk) * tokens / (time.perf_counter() - t0))
     ratios = [h / b for h, b in zip(times["herllm"], times["bare"], strict=True)]
@@ -130,6 +133,7 @@ def run(args) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "lora_r": args.lora_r,
+        "score_batch": args.score_batch,
         "threads": torch.get_num_threads(),
         "mallopt": not os.environ.get("HERLLM_NO_MALLOPT"),
     }
@@ -143,6 +147,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--score-batch", type=int, default=16, help="windows per scoring pass (select.score_batch_size)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -157,7 +162,8 @@ def main() -> None:
         env.pop("MALLOC_MMAP_MAX_", None)
         env.pop("MALLOC_TRIM_THRESHOLD_", None)
         argv = [sys.executable, __file__, "--child", "--steps", str(args.steps), "--block", str(args.block),
-                "--batch", str(args.batch), "--seq", str(args.seq), "--lora-r", str(args.lora_r)]  # fmt: skip
+                "--batch", str(args.batch), "--seq", str(args.seq), "--lora-r", str(args.lora_r),
+                "--score-batch", str(args.score_batch)]  # fmt: skip
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
         results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
     results["malloc_speedup_herllm"] = (

@@ -26,7 +26,7 @@ def make_stream(root: Path) -> Path:
     rng = random.Random(0)
     words = "river lamp ledger valley keeper window rain stone bread salt wind".split()
     for f in range(3):
-        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) for _ in range(25)]
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) for _ in range(40)]
         (src / f"part{f}.txt").write_text("\n\x1e\n".join(docs))
     return src
 
@@ -39,6 +39,24 @@ def cmd(run: Path, src: Path | None, model: Path, resume: bool) -> list[str]:
             "--batch-size", "4", "--replay-ratio", "0.25", "--replay-policy", "priority",
             "--select", "uncertain", "--set", "select.warmup=8", "--set", "select.fraction=0.75", "--set", "checkpoint.every_steps=2",
             "--set", "eval.every_steps=1000", "--set", "replay.capacity=10000"]  # fmt: skip
+
+
+def timed_training_span(argv: list[str], run: Path, env: dict) -> tuple[float, float]:
+    """Run to completion; return (start-up seconds until the first metrics line, seconds from
+    there to the final checkpoint)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env)
+    while proc.poll() is None and not (run / "metrics.jsonl").exists():
+        time.sleep(0.02)
+    t0 = time.perf_counter()
+    last, newest = t0, None
+    while proc.poll() is None:
+        ckpts = list_checkpoints(run / "checkpoints")
+        if ckpts and ckpts[-1][0] != newest:  # a new checkpoint appeared: training reached it
+            newest, last = ckpts[-1][0], time.perf_counter()
+        time.sleep(0.02)
+    assert proc.returncode == 0
+    return t0 - start, max(last - t0, 0.5)
 
 
 def final_state(run: Path) -> dict:
@@ -61,7 +79,7 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path, ti
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     src = make_stream(tmp_path)
     ref_run, run = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(cmd(ref_run, src, tiny_model_dir, False), env=env, check=True, timeout=600)
+    startup, span = timed_training_span(cmd(ref_run, src, tiny_model_dir, False), ref_run, env)
     reference = final_state(ref_run)
     assert reference["step"] > 10
 
@@ -69,9 +87,12 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path, ti
     kills, resumed_from = 0, []
     for attempt in range(12):
         proc = subprocess.Popen(cmd(run, src, tiny_model_dir, resume=attempt > 0), env=env)
-        while proc.poll() is None and not (run / "metrics.jsonl").exists():
-            time.sleep(0.05)  # start-up (imports) is not interesting to kill
-        time.sleep(rng.uniform(0.0, 1.5))
+        if attempt == 0:
+            while proc.poll() is None and not (run / "metrics.jsonl").exists():
+                time.sleep(0.02)  # start-up (imports) is not interesting to kill
+        else:
+            time.sleep(startup)  # a resumed run has its metrics file already: wait out start-up
+        time.sleep(rng.uniform(0.05, 0.8) * span)  # inside the training, wherever it lands
         if proc.poll() is not None:
             assert proc.returncode == 0
             break
