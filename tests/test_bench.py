@@ -21,6 +21,10 @@ def make_stream_dir(root):
         for split, n in (("train", 60), ("test", 10)):
             docs = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(n)]
             (root / name / f"{split}.txt").write_text("\n\x1e\n".join(docs))
+    probes = [{"id": f"alpha/cont/seen/{i}", "domain": "alpha", "kind": "continuation", "split": "seen",
+               "prompt": "river lamp", "choices": ["ledger valley", "def return", "class self", "import yield"],
+               "answer": 0} for i in range(3)]  # fmt: skip
+    (root / "alpha" / "probes.jsonl").write_text("\n".join(json.dumps(p) for p in probes))
     (root / "general").mkdir()  # general held-out text: no train.txt, so not a stream domain
     (root / "general" / "test.txt").write_text("the keeper writes the day into the ledger. " * 40)
     return root
@@ -29,7 +33,7 @@ def make_stream_dir(root):
 def test_micro_bench_writes_well_formed_results(tmp_path, tiny_model_dir):
     stream = make_stream_dir(tmp_path / "stream")
     bc = BenchConfig(stream_dir=str(stream), strategies=["base", "joint", "naive", "replay", "olora"], orders=1,
-                     tokens_per_domain=1500, evals_per_domain=2, eval_windows=4, probe_items=0, intrinsic=True,
+                     tokens_per_domain=1500, evals_per_domain=2, eval_windows=4, probe_items=3, intrinsic=True,
                      model=str(tiny_model_dir), seq_len=32, batch_size=4, lr=0.01, lora_r=4, out=str(tmp_path / "out"))  # fmt: skip
     results = run_bench(bc, progress=lambda m: None)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -52,6 +56,8 @@ def test_micro_bench_writes_well_formed_results(tmp_path, tiny_model_dir):
     assert naive["cost"]["tokens_trained"] >= 2 * 1500 * 0.9
     assert runs["replay"]["cost"]["buffer_rows"] > 0 and naive["cost"]["buffer_rows"] == 0
     assert set(results["summary"]) == {"base", "joint", "naive", "replay"}
+    P = naive["probe_matrix"]  # alpha has 3 probe items; beta has none (NaN)
+    assert len(P) == 3 and all(0.0 <= row[0] <= 1.0 for row in P)
 
 
 def test_domain_orders_are_distinct_permutations():
@@ -59,3 +65,18 @@ def test_domain_orders_are_distinct_permutations():
     assert orders[0] == ["a", "b", "c", "d"]
     assert len({tuple(o) for o in orders}) == 3
     assert all(sorted(o) == ["a", "b", "c", "d"] for o in orders)
+
+
+def test_joint_file_token_count_survives_a_rerun(tmp_path):
+    from herllm.bench_data import BenchData
+
+    files = {}
+    for d in ("a", "b"):
+        files[d] = tmp_path / f"{d}.train.txt"
+        files[d].write_text(f"{d} one\n\x1e\n{d} two")
+    tokens = {files["a"]: 10, files["b"]: 7}
+    first = BenchData(["a", "b"], files, dict(tokens), suite=None, root=tmp_path)
+    path = first.joint_file(seed=0)
+    again = BenchData(["a", "b"], files, dict(tokens), suite=None, root=tmp_path)  # file exists now
+    assert again.joint_file(seed=0) == path and again.tokens[path] == 17
+    assert sorted(path.read_text().split("\n\x1e\n")) == ["a one", "a two", "b one", "b two"]

@@ -35,7 +35,7 @@ class BenchData:
                 docs.extend(split_records(self.train_files[d].read_text(encoding="utf-8")))
             random.Random(seed).shuffle(docs)
             path.write_text("\n\x1e\n".join(docs), encoding="utf-8")
-            self.tokens[path] = sum(self.tokens[self.train_files[d]] for d in self.domains)
+        self.tokens[path] = sum(self.tokens[self.train_files[d]] for d in self.domains)
         return path
 
 

@@ -51,7 +51,7 @@ class EvalSuite:
         for d in order:
             items = self.probes.get(d, [])
             out.append(
-                probe_accuracy(model, tokenizer, items)["accuracy"] if items else float("nan")
+                probe_accuracy(model, tokenizer, items)["acc_mean"] if items else float("nan")
             )
         return out
 
