@@ -50,7 +50,8 @@ bench: install
 	$(BIN)/herllm bench --orders 3 --out results/bench
 
 bench-shift: install
-	$(BIN)/python benchmarks/bench_shift.py --orders 3 --out results/bench_shift.json
+	$(BIN)/python benchmarks/bench_shift.py --orders 3 --tokens-per-domain 48000 --strategy ewc \
+		--set shift.cooldown=120 --set shift.warmup=64 --out results/bench_shift.json
 
 bench-buffer: install
 	$(BIN)/python benchmarks/bench_buffer.py --out results/bench_buffer.json
