@@ -57,7 +57,9 @@ def main() -> None:
     p.add_argument("--model", default="herllm-tiny")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--out", default="results/bench_shift.json")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
     args = p.parse_args()
     from herllm.bench import BenchConfig, domain_orders
     from herllm.bench_data import load_bench_data
@@ -67,7 +69,10 @@ def main() -> None:
     bc = BenchConfig(tokens_per_domain=args.tokens_per_domain, model=args.model, probe_items=0)
     out = Path(args.out)
     data = load_bench_data(bc, out.with_suffix("") / "data")
-    runs = [run_order(args, data, order, k) for k, order in enumerate(domain_orders(data.domains, args.orders, 0))]
+    runs = [
+        run_order(args, data, order, k)
+        for k, order in enumerate(domain_orders(data.domains, args.orders, 0))
+    ]
     delays = [d for r in runs for d in r["delays"]]
     summary = {
         "boundaries": sum(len(r["boundaries"]) for r in runs), "detected": len(delays),
@@ -76,12 +81,25 @@ def main() -> None:
         "false_alarms_per_10k": float(np.mean([r["false_alarms_per_10k"] for r in runs])),
         "max_false_alarms_in_a_domain": max(max(r["false_alarms_per_domain"]) for r in runs),
     }  # fmt: skip
-    result = {"date": time.strftime("%Y-%m-%d"), "args": vars(args), "summary": summary, "runs": runs}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "args": vars(args),
+        "summary": summary,
+        "runs": runs,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(summary, indent=1))
     for r in runs:
-        print(" -> ".join(r["order"]), "delays", r["delays"], "misses", r["misses"], "FA/domain", r["false_alarms_per_domain"])
+        print(
+            " -> ".join(r["order"]),
+            "delays",
+            r["delays"],
+            "misses",
+            r["misses"],
+            "FA/domain",
+            r["false_alarms_per_domain"],
+        )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,16 @@ def make_bare(path: Path, r: int):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     return model, opt
 
@@ -115,7 +124,11 @@ def run(args) -> dict:
         # Scoring runs as the learner runs it: select.score_batch_size (16) windows per pass.
         per = max(1, args.score_batch // args.batch)
         score_chunk = [sum(chunk[i : i + per], []) for i in range(0, len(chunk), per)]
-        for name, f, items in (("bare", bare_step, chunk), ("herllm", herllm_step, chunk), ("score", score_step, score_chunk)):
+        for name, f, items in (
+            ("bare", bare_step, chunk),
+            ("herllm", herllm_step, chunk),
+            ("score", score_step, score_chunk),
+        ):
             t0 = time.perf_counter()
             for exps in items:
                 f(exps)
@@ -147,7 +160,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--score-batch", type=int, default=16, help="windows per scoring pass (select.score_batch_size)")
+    p.add_argument(
+        "--score-batch",
+        type=int,
+        default=16,
+        help="windows per scoring pass (select.score_batch_size)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -167,9 +185,14 @@ def main() -> None:
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
         results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
     results["malloc_speedup_herllm"] = (
-        results["malloc_tuned"]["tokens_per_s"]["herllm"] / results["malloc_default"]["tokens_per_s"]["herllm"]
+        results["malloc_tuned"]["tokens_per_s"]["herllm"]
+        / results["malloc_default"]["tokens_per_s"]["herllm"]
     )
-    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    results["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     results["date"] = time.strftime("%Y-%m-%d")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

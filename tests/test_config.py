@@ -20,7 +20,10 @@ def test_defaults_validate_and_every_field_is_documented():
     [
         (["train.lrr=1"], r"unknown config key 'train.lrr'; allowed here: .*lr"),
         (["nosuch.x=1"], r"unknown config key 'nosuch'"),
-        (["select.policy=greedy"], r"select.policy='greedy' is not allowed; choose one of all, uncertain"),
+        (
+            ["select.policy=greedy"],
+            r"select.policy='greedy' is not allowed; choose one of all, uncertain",
+        ),
         (["replay.ratio=0.5", "replay.capacity=0"], r"needs a buffer"),
         (["replay.ratio=0.9", "train.batch_size=2"], r"leaves no new experiences"),
         (["train.batch_size=abc"], r"train.batch_size='abc' must be int"),

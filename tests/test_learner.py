@@ -12,7 +12,9 @@ from herllm.learner import Learner, NonFiniteLossError
 
 
 def make_cfg(tmp_path, model_dir, *extra):
-    text = "\n\x1e\n".join(f"note {i}: the keeper lights the lamp and writes the ledger." for i in range(60))
+    text = "\n\x1e\n".join(
+        f"note {i}: the keeper lights the lamp and writes the ledger." for i in range(60)
+    )
     (tmp_path / "s.txt").write_text(text)
     return build_config(None, [f"model.name_or_path={model_dir}", f"run_dir={tmp_path / 'run'}",
                                f"stream.sources=[{tmp_path / 's.txt'}]", f"eval.files=[{tmp_path / 's.txt'}]",
@@ -37,11 +39,19 @@ def test_checkpoint_adapters_load_with_plain_peft(tmp_path, tiny_model_dir):
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
     learner.s.model.eval()
     with torch.no_grad():
-        assert torch.allclose(loaded(input_ids=ids).logits, learner.s.model(input_ids=ids).logits, atol=1e-6)
+        assert torch.allclose(
+            loaded(input_ids=ids).logits, learner.s.model(input_ids=ids).logits, atol=1e-6
+        )
 
 
 def test_uncertain_selection_skips_but_remembers(tmp_path, tiny_model_dir):
-    cfg = make_cfg(tmp_path, tiny_model_dir, "select.policy=uncertain", "select.fraction=0.3", "select.warmup=16")
+    cfg = make_cfg(
+        tmp_path,
+        tiny_model_dir,
+        "select.policy=uncertain",
+        "select.fraction=0.3",
+        "select.warmup=16",
+    )
     summary = Learner(cfg, show_progress=False).run()
     assert summary.skipped_by_selection > 0
     read = summary.selected + summary.skipped_by_selection
@@ -51,7 +61,9 @@ def test_uncertain_selection_skips_but_remembers(tmp_path, tiny_model_dir):
 
 
 def test_priority_replay_refreshes_scores(tmp_path, tiny_model_dir):
-    cfg = make_cfg(tmp_path, tiny_model_dir, "replay.policy=priority", "replay.ratio=0.5", "train.max_steps=6")
+    cfg = make_cfg(
+        tmp_path, tiny_model_dir, "replay.policy=priority", "replay.ratio=0.5", "train.max_steps=6"
+    )
     learner = Learner(cfg, show_progress=False)
     summary = learner.run()
     assert summary.replayed == 6 * 2
@@ -59,7 +71,9 @@ def test_priority_replay_refreshes_scores(tmp_path, tiny_model_dir):
 
 
 def test_nonfinite_loss_is_skipped_then_stops(tmp_path, tiny_model_dir, monkeypatch):
-    learner = Learner(make_cfg(tmp_path, tiny_model_dir, "train.max_nonfinite=3"), show_progress=False)
+    learner = Learner(
+        make_cfg(tmp_path, tiny_model_dir, "train.max_nonfinite=3"), show_progress=False
+    )
     model = learner.s.model
     real_forward = model.forward
     calls = {"n": 0}

@@ -12,7 +12,9 @@ from herllm.models import BUNDLED
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (BUNDLED["herllm-tiny"] / "config.json").is_file(), reason="bundled model not built"),
+    pytest.mark.skipif(
+        not (BUNDLED["herllm-tiny"] / "config.json").is_file(), reason="bundled model not built"
+    ),
 ]
 SEQ = 64
 WINDOWS = 240  # per domain: warm-up (100) + room to detect + room for false alarms
@@ -27,7 +29,9 @@ def domain_file(tmp_path, domain, tokenizer):
         tokens += len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + 2  # + bos, eos
         if tokens >= WINDOWS * SEQ:
             break
-    windows = sum(1 for _ in Packer(tokenizer, SEQ).windows(Document(str(i), d) for i, d in enumerate(docs)))
+    windows = sum(
+        1 for _ in Packer(tokenizer, SEQ).windows(Document(str(i), d) for i, d in enumerate(docs))
+    )
     path = tmp_path / f"{domain}.txt"
     path.write_text("\n\x1e\n".join(docs))
     return path, windows
@@ -44,7 +48,9 @@ def test_boundary_between_two_bundled_domains_is_detected_once(tmp_path):
                               "replay.capacity=0"])  # fmt: skip
     with Learner(cfg, show_progress=False) as learner:
         summary = learner.run()
-    events = [r["event"] for r in read_ledger(tmp_path / "run") if r["type"] == "open" and r["event"]]
+    events = [
+        r["event"] for r in read_ledger(tmp_path / "run") if r["type"] == "open" and r["event"]
+    ]
     assert summary.shifts == len(events) == 1, events
     delay = events[0]["confirmed_index"] - n_first
     assert 0 <= delay <= 256, (delay, events[0])

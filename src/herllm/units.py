@@ -39,7 +39,9 @@ def earlier_units_loss(s, units: int = 4, windows: int = 8) -> float | None:
     This is the forgetting signal of the dynamic strength: it rises when earlier knowledge is
     being overwritten. A few windows of the last few units keep it cheap.
     """
-    refs = [u["reference"][:windows] for u in list(s.ledger.closed.values())[-units:] if u["reference"]]
+    refs = [
+        u["reference"][:windows] for u in list(s.ledger.closed.values())[-units:] if u["reference"]
+    ]
     if not refs:
         return None
     return float(np.mean([mean_nll(s.model, reservoir_batches(s, r))[0] for r in refs]))

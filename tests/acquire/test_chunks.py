@@ -12,7 +12,7 @@ def tok(tiny_model_dir):
 
 
 def make_docs(n=12):
-    return [Document(f"d#{i}", ("word%d " % i) * (3 + 7 * (i % 5))) for i in range(n)]
+    return [Document(f"d#{i}", (f"word{i} ") * (3 + 7 * (i % 5))) for i in range(n)]
 
 
 def test_windows_pack_the_whole_stream_in_order(tok):

@@ -37,7 +37,12 @@ def test_directory_recursive_sorted_with_globs(tmp_path):
 
 def test_jsonl_text_and_prompt_response(tmp_path):
     f = tmp_path / "x.jsonl"
-    f.write_text(json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"prompt": "Q?", "response": "A."}) + "\n")
+    f.write_text(
+        json.dumps({"text": "hello"})
+        + "\n\n"
+        + json.dumps({"prompt": "Q?", "response": "A."})
+        + "\n"
+    )
     docs = docs_of(f)
     assert docs[0].doc_id == f"{f}:1" and docs[0].response is None
     assert docs[1].doc_id == f"{f}:3" and (docs[1].text, docs[1].response) == ("Q?", "A.")
@@ -53,10 +58,22 @@ def test_stdin_documents(monkeypatch):
     ("make", "pattern"),
     [
         (lambda p: p / "missing.txt", r"missing.txt does not exist"),
-        (lambda p: _write(p / "bin.txt", b"abc\x00\x01def"), r"bin.txt looks binary \(NUL byte at offset 3\)"),
-        (lambda p: _write(p / "latin.txt", "caf\u00e9".encode("latin-1")), r"latin.txt is not valid UTF-8 \(byte offset 3\)"),
-        (lambda p: _write(p / "bad.jsonl", b'{"text": "ok"}\n{"text": oops}\n'), r"bad.jsonl:2: not valid JSON"),
-        (lambda p: _write(p / "nofield.jsonl", b'{"body": "x"}\n'), r"nofield.jsonl:1: needs a string 'text' field"),
+        (
+            lambda p: _write(p / "bin.txt", b"abc\x00\x01def"),
+            r"bin.txt looks binary \(NUL byte at offset 3\)",
+        ),
+        (
+            lambda p: _write(p / "latin.txt", "caf\u00e9".encode("latin-1")),
+            r"latin.txt is not valid UTF-8 \(byte offset 3\)",
+        ),
+        (
+            lambda p: _write(p / "bad.jsonl", b'{"text": "ok"}\n{"text": oops}\n'),
+            r"bad.jsonl:2: not valid JSON",
+        ),
+        (
+            lambda p: _write(p / "nofield.jsonl", b'{"body": "x"}\n'),
+            r"nofield.jsonl:1: needs a string 'text' field",
+        ),
     ],
 )
 def test_bad_input_one_clear_error(tmp_path, make, pattern):

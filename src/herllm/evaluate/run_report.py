@@ -24,8 +24,17 @@ def write_run_report(run_dir: str | Path, summary: dict | None = None) -> Path:
     evals = [m for m in metrics if m.get("eval_nll")]
     if evals:
         first, last = evals[0]["eval_nll"], evals[-1]["eval_nll"]
-        lines += ["## Held-out loss (mean token NLL, nats)", "", "| file | start | end | change |", "|---|---:|---:|---:|"]
-        lines += [f"| {k} | {first[k]:.4f} | {last[k]:.4f} | {last[k] - first[k]:+.4f} |" for k in first if k in last]
+        lines += [
+            "## Held-out loss (mean token NLL, nats)",
+            "",
+            "| file | start | end | change |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {k} | {first[k]:.4f} | {last[k]:.4f} | {last[k] - first[k]:+.4f} |"
+            for k in first
+            if k in last
+        ]
         lines += ["", "![held-out loss](heldout.png)", ""]
         _plot(evals, ledger, out / "heldout.png")
     units = [r for r in ledger if r["type"] == "close"]
@@ -51,7 +60,9 @@ def _plot(evals: list[dict], ledger: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     x = [m["tokens_streamed"] for m in evals]
     for name in evals[0]["eval_nll"]:
-        ax.plot(x, [m["eval_nll"].get(name) for m in evals], marker="o", ms=3, label=Path(name).stem)
+        ax.plot(
+            x, [m["eval_nll"].get(name) for m in evals], marker="o", ms=3, label=Path(name).stem
+        )
     for r in ledger:
         if r["type"] == "open" and r.get("event"):
             ax.axvline(r["tokens"], color="grey", ls="--", lw=1)
@@ -67,7 +78,9 @@ def _plot(evals: list[dict], ledger: list[dict], path: Path) -> None:
 def _jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 def _fmt(v) -> str:
