@@ -66,12 +66,3 @@ def run_demo(
     )
     with Learner(cfg, show_progress=not quiet) as learner:
         return learner.run()
-
-
-def demo_table(summary) -> str:
-    """Markdown table: domain, held-out NLL before and after, change."""
-    lines = ["| domain | held-out NLL before | after | change |", "|---|---:|---:|---:|"]
-    for name, before in summary.eval_first.items():
-        after = summary.eval_last[name]
-        lines.append(f"| {Path(name).stem} | {before:.4f} | {after:.4f} | {after - before:+.4f} |")
-    return "\n".join(lines)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -133,36 +132,3 @@ def attach_lora(model, cfg: LoraConfig, adapter_name: str = ADAPTER_NAME) -> Pef
             f"lora.target_modules={cfg.target_modules!r} does not match this model: "
             f"{str(exc).splitlines()[0]}"
         ) from None
-
-
-def load_adapter(model, adapter_dir: str | Path, adapter_name: str = ADAPTER_NAME) -> PeftModel:
-    """Load a saved PEFT adapter onto a base model, trainable (used by resume)."""
-    return PeftModel.from_pretrained(
-        model, str(adapter_dir), adapter_name=adapter_name, is_trainable=True
-    )
-
-
-def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def count_parameters(model) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for _, p in trainable_parameters(model))
-    return {"total": total, "trainable": trainable}
-
-
-def model_fingerprint(path: str) -> dict:
-    """Small record of which model a run used (written into the run directory)."""
-    cfg_path = Path(path) / "config.json"
-    info = {"name_or_path": path}
-    if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
-        info.update(
-            {
-                k: cfg.get(k)
-                for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-            }
-        )
-    info["offline"] = os.environ.get("HF_HUB_OFFLINE", "0")
-    return info

@@ -295,9 +295,9 @@ def load_checkpoint(s: RunState) -> None:
     weights = load_file(str(path / "adapters" / ADAPTER_NAME / "adapter_model.safetensors"))
     model = s.accelerator.unwrap_model(s.model)
     result = set_peft_model_state_dict(model, weights, adapter_name=ADAPTER_NAME)
-    missing = [k for k in result.unexpected_keys] if hasattr(result, "unexpected_keys") else []
-    if missing:
-        raise UserError(f"checkpoint {path} does not match the model: unexpected {missing[:3]}")
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise UserError(f"checkpoint {path} does not match the model: unexpected {unexpected[:3]}")
     state = torch.load(path / "trainer.pt", weights_only=False)
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
