@@ -58,3 +58,18 @@ def text_corpus(tmp_path) -> Path:
         docs = [f"Document {i}-{j}. " + TEXT[(i * 97 + j * 31) % 400 :][:300] for j in range(4)]
         (root / f"part{i}.txt").write_text("\n\x1e\n".join(docs), encoding="utf-8")
     return root
+
+
+def tiny_lora_llama(seed: int = 0, vocab: int = 64, hidden: int = 32, r: int = 4):
+    """An in-memory tiny Llama with one LoRA adapter (`default`) on q/v projections."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+    lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return get_peft_model(LlamaForCausalLM(config), lora)

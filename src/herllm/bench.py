@@ -27,6 +27,7 @@ from herllm.config import build_config
 from herllm.errors import UserError
 from herllm.evaluate import metrics as M
 from herllm.evaluate.cost import Meter, measure_matmul_peak, peak_rss_mb, train_flops_per_token
+from herllm.evaluate.routing import routing_figures
 from herllm.evaluate.suite import finite_or_none, intrinsic_signals
 from herllm.strategies import STRATEGIES, strategy_overrides
 
@@ -171,12 +172,14 @@ class Sequence:
 
     def run(self) -> dict:
         learner = self.make_learner()
-        model, tok = learner.s.model, learner.s.tokenizer
+        tok = learner.s.tokenizer
+        self.oracle: dict[str, str] = {}  # domain -> the adapter training when it ended
         meter = Meter().start()
         trace: list[dict] = []
         rows, general, probe_rows = [], [], []
 
         def evaluate(segment: int, at_end: bool) -> None:
+            model = learner.s.inference_model()  # routed across adapters when the run grows them
             losses, gen = self.data.suite.losses(model, self.order)
             c = learner.s.counters
             trace.append({"step": learner.s.step, "tokens": c["tokens_trained"], "seconds": meter.seconds,
@@ -185,6 +188,8 @@ class Sequence:
                 rows.append(losses)
                 general.append(gen)
                 probe_rows.append(self.data.suite.probe_accuracy(model, tok, self.order))
+                if learner.s.bank is not None and 0 <= segment < len(self.order):
+                    self.oracle[self.order[segment]] = learner.s.bank.current
 
         evaluate(0 if self.strategy != "joint" else -1, at_end=True)
         if self.strategy != "base":
@@ -217,7 +222,7 @@ class Sequence:
         intrinsic = None
         if self.bc.intrinsic:
             intrinsic = intrinsic_signals(
-                s.model, s.tokenizer, self.data.suite.general_batches, seed=self.seed
+                s.inference_model(), s.tokenizer, self.data.suite.general_batches, seed=self.seed
             )
         c = s.counters
         wall = meter.seconds
@@ -225,6 +230,12 @@ class Sequence:
         flops = c["tokens_trained"] * fpt + c["tokens_scored"] * fpt / 2
         n_params = sum(p.numel() for p in s.model.parameters())
         trainable = sum(p.numel() for p in s.trainable)
+        added = sum(p.numel() for n, p in s.model.named_parameters() if "lora_" in n)
+        routing = None
+        if s.bank is not None and s.bank.compose == "route" and self.oracle:
+            routing = routing_figures(
+                s.inference_model(), self.data.suite.domain_batches, self.oracle
+            )
         switch = self.switch_indices(trace)
         result = {
             "loss_matrix": L.tolist(),
@@ -240,7 +251,9 @@ class Sequence:
                 "train_tokens_per_s": c["tokens_trained"] / wall if wall else None,
                 "peak_rss_mb": peak_rss_mb(),
                 "trainable_params": trainable,
-                "added_params": trainable if self.strategy != "base" else 0,
+                "added_params": added if self.strategy != "base" else 0,
+                "adapters": len(s.bank.adapters) if s.bank is not None else 1,
+                "adapters_grown": s.bank.grown if s.bank is not None else 0,
                 "total_params": n_params,
                 "buffer_rows": len(s.buffer) if s.buffer else 0,
                 "buffer_bytes": s.buffer.size_bytes if s.buffer else 0,
@@ -249,7 +262,7 @@ class Sequence:
                 "contention_cpu_seconds": meter.contention,
             },  # fmt: skip
             "intrinsic": intrinsic,
-            "routing": None,
+            "routing": routing,
         }
         learner.close()
         return result

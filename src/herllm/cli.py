@@ -172,6 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rb.set_defaults(func=cmd_rollback)
 
+    gen = sub.add_parser(
+        "generate", help="continue a prompt with a run's adapters, routed without a task id"
+    )
+    gen.add_argument("prompt", nargs="+", help="one or more prompts")
+    gen.add_argument("--run", required=True, help="a run directory written by herllm adapt")
+    gen.add_argument(
+        "--adapter",
+        default=None,
+        help="force one adapter (name, unit id, or base) instead of routing",
+    )
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
     from herllm.pretrain import PretrainConfig
 
     pre = sub.add_parser("pretrain", help="pretrain a small Llama base model from scratch")
@@ -338,6 +353,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     print(
         f"rolled back {args.run} to {args.to}: new checkpoint {path}; continue with herllm adapt --resume {args.run}"
     )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from herllm.inference import AdaptedModel
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    m = AdaptedModel.from_run(args.run)
+    routes = [args.adapter or r for r in m.routes(args.prompt)]
+    outs = m.generate(args.prompt, args.adapter, args.max_new_tokens, args.temperature, args.seed)
+    for prompt, route, out in zip(args.prompt, routes, outs, strict=True):
+        print(f"[{route}] {prompt}{out}")
     return 0
 
 

@@ -22,6 +22,7 @@ from herllm.progress import LoopProgress
 from herllm.refine.scoring import Scores, sample_nll, score_batch
 from herllm.setup import RunState, build_state, load_checkpoint, save_checkpoint
 from herllm.units import close_unit, earlier_units_loss, open_first_unit
+from herllm.update.adapters import orthogonality
 
 
 class NonFiniteLossError(RuntimeError):
@@ -134,8 +135,10 @@ class Learner:
                 event = s.detector.update(
                     torch.stack([scores.nll, scores.entropy], 1), scores.reps, s.step
                 )
-                if event is not None:
-                    close_unit(s, event)  # close the unit, consolidate, open the next one
+                if (
+                    event is not None
+                ):  # close the unit, consolidate, pick the adapter, open the next
+                    close_unit(s, event, windows)
             chosen = s.selector.select(scores.nll.numpy())
             s.ledger.observe([(w.input_ids[: w.n_tokens], w.loss_mask[: w.n_tokens]) for w in windows],
                              chosen, scores.reps)  # fmt: skip
@@ -195,6 +198,9 @@ class Learner:
             if s.protection.active
             else lm_loss
         )
+        if s.orth is not None and s.bank.frozen():  # O-LoRA: keep the new subspace orthogonal
+            overlap = orthogonality(s.model, s.bank.current, s.bank.frozen())
+            loss = loss + s.orth.weight("orth", overlap, lm_loss) * overlap
         if not torch.isfinite(loss):
             return self.skip_nonfinite(float(loss.detach()))
         s.accelerator.backward(loss)

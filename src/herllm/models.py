@@ -115,16 +115,16 @@ def default_target_modules(model) -> list[str] | str:
     return "all-linear"
 
 
+def peft_lora_config(model, cfg: LoraConfig) -> PeftLoraConfig:
+    """PEFT's LoraConfig for herllm's `lora` section (every adapter of a run uses it)."""
+    targets = default_target_modules(model) if cfg.target_modules == "auto" else cfg.target_modules
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=targets, task_type="CAUSAL_LM")  # fmt: skip
+
+
 def attach_lora(model, cfg: LoraConfig, adapter_name: str = ADAPTER_NAME) -> PeftModel:
     """Wrap `model` with a fresh trainable LoRA adapter; base weights are frozen."""
-    targets = default_target_modules(model) if cfg.target_modules == "auto" else cfg.target_modules
-    peft_cfg = PeftLoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
+    peft_cfg = peft_lora_config(model, cfg)
     try:
         return get_peft_model(model, peft_cfg, adapter_name=adapter_name)
     except ValueError as exc:

@@ -33,7 +33,9 @@ from herllm.models import ADAPTER_NAME, attach_lora, load_base
 from herllm.refine.scoring import mean_nll
 from herllm.refine.select import build_selector
 from herllm.refine.shift import ShiftDetector
+from herllm.update import adapters as ad
 from herllm.update.protection import Protection, StabilityTracker
+from herllm.update.strength import DynamicStrength
 
 COUNTERS = (
     "general_replayed", "shifts", "consolidations", "reptile_steps",
@@ -61,6 +63,8 @@ class RunState:
     detector: ShiftDetector | None
     ledger: Ledger
     general: GeneralSampler | None
+    bank: ad.AdapterBank | None = None
+    orth: DynamicStrength | None = None
     stability: StabilityTracker = field(default_factory=StabilityTracker)
     step: int = 0
     pending: list[Experience] = field(default_factory=list)
@@ -76,6 +80,7 @@ class RunState:
     started: float = field(default_factory=time.perf_counter)
     _windows: Iterator[Experience] | None = None
     _good: list[torch.Tensor] | None = None
+    _open_key: tuple | None = None
 
     # -- stream -----------------------------------------------------------------------------
     def next_windows(self, n: int) -> list[Experience]:
@@ -117,6 +122,38 @@ class RunState:
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
+    # -- adapters ---------------------------------------------------------------------------
+    def rebuild_optimizer(self) -> None:
+        """A fresh optimizer (and warm-up) over what trains now: after the trainable adapter
+        changed (grown, reused or merged). Adam moments of the previous adapter are dropped."""
+        model = self.accelerator.unwrap_model(self.model)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = make_optimizer(self.cfg, self.trainable)
+        self.optimizer, self.scheduler = self.accelerator.prepare(self.optimizer, self.scheduler)
+        self._good = None
+
+    def unit_key(self, unit_id: str, reservoir) -> ad.RoutingKey | None:
+        """Routing key of a unit from its reservoir windows (None with too few of them)."""
+        from herllm.inference import fit_unit_key
+
+        return fit_unit_key(self.model, reservoir, unit_id, self.bank.current, self.cfg.stream.seq_len,
+                            self.packer.pad_id, self.accelerator.device)  # fmt: skip
+
+    def inference_model(self):
+        """The model as users query it: routed across adapters when the run grows them. The
+        unit being learned gets a provisional key from what it has seen so far."""
+        if self.bank is None:
+            return self.model
+        extra = []
+        u = self.ledger.current
+        if u is not None and self.bank.compose == "route":
+            stamp = (u.id, u.seen, self.bank.current)
+            if self._open_key is None or self._open_key[0] != stamp:
+                self._open_key = (stamp, self.unit_key(u.id, u.reservoir))
+            if self._open_key[1] is not None:
+                extra.append(self._open_key[1])
+        return ad.RoutedModel(self.accelerator.unwrap_model(self.model), self.bank, extra)
+
     # -- safety -----------------------------------------------------------------------------
     def snapshot_good_weights(self) -> None:
         if self._good is None:
@@ -143,7 +180,8 @@ class RunState:
                 fh.write(json.dumps(record) + "\n")
 
     def evaluate_heldout(self) -> dict[str, float]:
-        return {name: mean_nll(self.model, batches)[0] for name, batches in self.eval_sets.items()}
+        model = self.inference_model()
+        return {name: mean_nll(model, batches)[0] for name, batches in self.eval_sets.items()}
 
 
 def build_state(cfg: RunConfig, resume: bool) -> RunState:
@@ -170,9 +208,7 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
     base, tokenizer = load_base(cfg.model)
     model = attach_lora(base, cfg.lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    warm = max(cfg.train.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warm))
+    optimizer, scheduler = make_optimizer(cfg, trainable)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     buffer = None
     if cfg.replay.capacity > 0:
@@ -195,6 +231,12 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
     if cfg.replay.general_ratio > 0:
         general = GeneralSampler(tokenizer, cfg.stream.seq_len, cfg.replay.general_sources,
                                  cfg.replay.general_windows, cfg.train.seed)  # fmt: skip
+    ex = cfg.expand
+    bank = orth = None
+    if ex.grow:
+        bank = ad.AdapterBank(ADAPTER_NAME, ex.compose, ex.reuse_radius, ex.fallback_radius, ex.max_adapters)  # fmt: skip
+        orth = DynamicStrength(target_ratio=ex.orth_ratio) if ex.orth_ratio > 0 else None
+    reservoir = max(32, ex.key_windows) if ex.grow else 32
     return RunState(
         cfg=cfg,
         run_dir=run_dir,
@@ -211,9 +253,19 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
         eval_sets=load_eval_sets(cfg, tokenizer, accelerator.device),
         protection=Protection(cfg.protect),
         detector=detector,
-        ledger=Ledger(run_dir, seed=cfg.train.seed, writer=accelerator.is_main_process),
+        ledger=Ledger(run_dir, reservoir, seed=cfg.train.seed, writer=accelerator.is_main_process),
         general=general,
+        bank=bank,
+        orth=orth,
     )
+
+
+def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]):
+    """AdamW over `params` with a linear warm-up, then a constant rate (streams have no end)."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    warm = max(cfg.train.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warm))
+    return optimizer, scheduler
 
 
 def seed_everything(seed: int) -> None:
@@ -249,8 +301,7 @@ def save_checkpoint(s: RunState) -> None:
     root = s.run_dir / "checkpoints"
     if s.accelerator.is_main_process:
         tmp = ckpt.begin(root, s.step)
-        model = s.accelerator.unwrap_model(s.model)
-        model.save_pretrained(tmp / "adapters" / ADAPTER_NAME, selected_adapters=[ADAPTER_NAME])
+        save_adapters(s, tmp / "adapters")
         torch.save(trainer_state(s), tmp / "trainer.pt")
         save_cursor(s.packer.position, tmp / "cursor.json", s.cfg.stream.sources)
         ckpt.publish(tmp)
@@ -282,6 +333,8 @@ def trainer_state(s: RunState) -> dict:
         "ledger": s.ledger.state_dict(),
         "general": s.general.state_dict() if s.general is not None else None,
         "stability": s.stability.state_dict(),
+        "bank": s.bank.state_dict() if s.bank is not None else None,
+        "orth": s.orth.state_dict() if s.orth is not None else None,
         "metrics_lines": count_lines(s.run_dir / "metrics.jsonl"),
     }
 
@@ -292,13 +345,14 @@ def load_checkpoint(s: RunState) -> None:
     path = ckpt.resume_point(root, s.buffer.committed_step if s.buffer else None)
     if path is None:
         return  # crashed before the first checkpoint: nothing was committed, start afresh
-    weights = load_file(str(path / "adapters" / ADAPTER_NAME / "adapter_model.safetensors"))
-    model = s.accelerator.unwrap_model(s.model)
-    result = set_peft_model_state_dict(model, weights, adapter_name=ADAPTER_NAME)
-    unexpected = list(getattr(result, "unexpected_keys", []))
-    if unexpected:
-        raise UserError(f"checkpoint {path} does not match the model: unexpected {unexpected[:3]}")
     state = torch.load(path / "trainer.pt", weights_only=False)
+    if state.get("bank") is not None and s.bank is not None:
+        s.bank = ad.AdapterBank.from_state(state["bank"])
+        s.orth.load_state_dict(state["orth"]) if s.orth is not None and state["orth"] else None
+    load_adapters(s.accelerator.unwrap_model(s.model), path / "adapters", s.bank)
+    if s.bank is not None:
+        ad.activate(s.model, s.bank)
+        s.rebuild_optimizer()
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
     s.selector.load_state_dict(state["selector"])
@@ -323,6 +377,51 @@ def load_checkpoint(s: RunState) -> None:
         s.tokenizer, s.cfg.stream.seq_len, load_cursor(path / "cursor.json", s.cfg.stream.sources)
     )
     s.last_checkpoint = s.step
+
+
+def save_adapters(s: RunState, root: Path) -> None:
+    """Every adapter in PEFT format, one folder per adapter (`root/<name>/`), and the routing
+    keys beside them (`root/routing.json`)."""
+    model = s.accelerator.unwrap_model(s.model)
+    names = list(s.bank.adapters) if s.bank is not None else [ADAPTER_NAME]
+    for name in names:
+        # PEFT writes a non-default adapter into a sub-folder named after it
+        model.save_pretrained(
+            root / ADAPTER_NAME if name == ADAPTER_NAME else root, selected_adapters=[name]
+        )
+    (root / "README.md").unlink(missing_ok=True)  # PEFT's model card for a sub-folder adapter
+    if s.bank is not None:
+        (root / "routing.json").write_text(json.dumps(s.bank.state_dict(), default=_jsonable))
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+def load_adapters(model, root: Path, bank) -> None:
+    """Load the adapters saved by `save_adapters` into `model`, creating the missing ones."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    names = list(bank.adapters) if bank is not None else [ADAPTER_NAME]
+    for name in names:
+        folder = root / name
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise UserError(f"adapter folder {folder} is missing; the run directory is incomplete")
+        if name not in model.peft_config:
+            model.add_adapter(name, PeftLoraConfig.from_pretrained(str(folder)))
+        result = set_peft_model_state_dict(
+            model, load_file(str(folder / "adapter_model.safetensors")), adapter_name=name
+        )
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        if unexpected:
+            raise UserError(
+                f"adapter {folder} does not match the model: unexpected {unexpected[:3]}"
+            )
+    if bank is not None:
+        for name in [n for n in model.peft_config if n not in bank.adapters]:
+            model.delete_adapter(name)  # e.g. the initial adapter, merged away before the save
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:

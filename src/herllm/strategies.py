@@ -23,7 +23,6 @@ class Strategy:
     """Why the strategy cannot run yet; None when it is implemented."""
 
 
-_EXPAND = "needs the progressive-expansion work (new adapters, routing) that has not landed"
 _SHIFT = ("shift.detect=true",)
 _PLAIN = ("select.policy=all", "replay.ratio=0", "replay.capacity=0")
 
@@ -44,12 +43,14 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("mer", "reservoir replay + Reptile meta-experience replay",
                  ("select.policy=all", "replay.policy=reservoir", "replay.ratio=0.25",
                   "protect.reptile_every=50", "protect.reptile_epsilon=0.5")),
-        Strategy("olora", "a new orthogonal LoRA adapter per detected region", missing=_EXPAND),
+        Strategy("olora", "O-LoRA: a new LoRA adapter per far region, orthogonal to the frozen ones; "
+                 "all adapters add up at inference", (*_PLAIN, *_SHIFT, "expand.grow=true", "expand.compose=sum")),
         Strategy("her", "uncertainty selection + priority replay + general replay + dynamic MAS + "
-                 "Reptile + shift-triggered consolidation",
+                 "Reptile + shift-triggered consolidation + adapters grown per region and routed",
                  ("select.policy=uncertain", "select.fraction=0.75", "replay.policy=priority",
                   "replay.ratio=0.25", "replay.general_ratio=0.125", "protect.regularizers=[mas]",
-                  "protect.reptile_every=50", "protect.reptile_epsilon=0.5", *_SHIFT)),
+                  "protect.reptile_every=50", "protect.reptile_epsilon=0.5", *_SHIFT,
+                  "expand.grow=true")),
     )
 }  # fmt: skip
 

@@ -51,8 +51,11 @@ def open_first_unit(s) -> None:
     s.ledger.open_unit(s.step, s.counters["tokens_streamed"], event=None)
 
 
-def close_unit(s, event) -> None:
-    """Close the current unit at a detected shift and open the next one (see module doc)."""
+def close_unit(s, event, new_windows=()) -> None:
+    """Close the current unit at a detected shift and open the next one (see module doc).
+
+    With expansion on, the closed unit's routing key is fitted and `new_windows` (the samples
+    that raised the shift) decide whether the next unit reuses an adapter or grows one."""
     unit = s.ledger.current
     own = reservoir_batches(s, unit.reservoir)
     ref_loss = mean_nll(s.model, own)[0] if own else float("nan")
@@ -65,12 +68,62 @@ def close_unit(s, event) -> None:
         s.protection.consolidate(s.model, own)
         s.counters["consolidations"] += 1
     tokens = s.counters["tokens_streamed"]
-    s.ledger.close_unit(s.step, tokens, [ADAPTER_NAME], ref_loss, stability)
+    trained = s.bank.current if s.bank is not None else ADAPTER_NAME
+    if s.bank is not None:
+        key = s.unit_key(unit.id, unit.reservoir)
+        if key is not None:
+            s.bank.add_key(key)
+    s.ledger.close_unit(s.step, tokens, [trained], ref_loss, stability)
     save_unit_snapshot(s, unit.id)
     record = {k: (v.item() if hasattr(v, "item") else v) for k, v in vars(event).items()}
+    if s.bank is not None and new_windows:
+        choose_adapter(s, new_windows)
     s.ledger.open_unit(s.step, tokens, event=record)
     s.counters["shifts"] += 1
     s.log_event({"event": "shift", "step": s.step, "closed": unit.id, **record})
+
+
+def choose_adapter(s, new_windows) -> str:
+    """Reuse the adapter of the unit the new region lies near, or grow one (merging the two
+    closest adapters first when the cap is reached); every change goes to the ledger."""
+    from herllm.acquire.chunks import to_batch
+    from herllm.update import adapters as ad
+
+    bank = s.bank
+    reps = ad.base_reps(s.model, [s.to_device(to_batch(list(new_windows)))]).numpy()
+    reuse, near = bank.decide(reps)
+    step = s.step
+    if reuse is not None:
+        action, name = "reuse", reuse
+    else:
+        if len(bank.adapters) >= bank.max_adapters:
+            a, b = bank.closest_pair()
+            merged = f"m{bank.merged + 1:03d}"
+            ad.merge_adapters(s.model, a, b, merged)
+            units = bank.adapters.pop(a)["units"] + bank.adapters.pop(b)["units"]
+            bank.adapters[merged] = {"units": units, "created_step": step, "rank": None}
+            for key in bank.keys.values():
+                key.adapter = merged if key.adapter in (a, b) else key.adapter
+            bank.merged += 1
+            if bank.current in (a, b):
+                bank.current = merged
+            s.ledger.append({"type": "adapter", "action": "merge", "adapters": [a, b],
+                             "into": merged, "units": units, "step": step})  # fmt: skip
+        bank.grown += 1
+        name = f"a{bank.grown:03d}"
+        ad.add_adapter(s.model, name, ad.fresh_config(s.model, s.cfg.lora))
+        bank.adapters[name] = {"units": [], "created_step": step, "rank": None}
+        action = "grow"
+    previous = bank.current
+    bank.current = name
+    ad.activate(s.model, bank)
+    s.rebuild_optimizer()
+    if s.protection.reptile is not None:
+        s.protection.reptile.attach(s.model)  # Reptile interpolates within the adapter now training
+    s.ledger.append({"type": "adapter", "action": action, "adapter": name, "previous": previous,
+                     "distance_ratio": round(near, 4) if np.isfinite(near) else None, "step": step})  # fmt: skip
+    s.log_event({"event": f"adapter_{action}", "adapter": name, "step": step})
+    return name
 
 
 def save_unit_snapshot(s, unit_id: str) -> None:
@@ -81,10 +134,12 @@ def save_unit_snapshot(s, unit_id: str) -> None:
     tmp = root / f".tmp-{unit_id}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model = s.accelerator.unwrap_model(s.model)
-    model.save_pretrained(tmp / "adapters" / ADAPTER_NAME, selected_adapters=[ADAPTER_NAME])
+    from herllm.setup import save_adapters
+
+    save_adapters(s, tmp / "adapters")
     torch.save({"step": s.step, "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-                "protection": s.protection.state_dict()}, tmp / "trainer.pt")  # fmt: skip
+                "protection": s.protection.state_dict(),
+                "bank": s.bank.state_dict() if s.bank is not None else None}, tmp / "trainer.pt")  # fmt: skip
     ckpt.fsync_tree(tmp)
     final = root / unit_id
     shutil.rmtree(final, ignore_errors=True)
@@ -113,8 +168,9 @@ def rollback(run_dir: str | Path, unit_id: str) -> Path:
         raise UserError(f"{run} has no checkpoint to roll back from")
     state = torch.load(latest / "trainer.pt", weights_only=False)
     unit_state = torch.load(snap / "trainer.pt", weights_only=False)
-    for key in ("optimizer", "scheduler", "protection"):
-        state[key] = unit_state[key]
+    for key in ("optimizer", "scheduler", "protection", "bank"):
+        if key in unit_state:
+            state[key] = unit_state[key]
     state["step"] += 1  # a rollback takes a step number, so the buffer can commit with it
     state["rolled_back_to"] = unit_id
     state["ledger"]["count"] += 1  # the rollback record below is part of this checkpoint

@@ -213,6 +213,7 @@ def _intrinsic_routing(run: dict[str, Any]) -> dict[str, float]:
         out["routing_accuracy"] = (
             M.routing_accuracy(conf) if conf else _num(routing.get("accuracy"))
         )
+        out["oracle_gap"] = _num(routing.get("oracle_gap"))
     return out
 
 
@@ -272,8 +273,14 @@ def _routing_table(stats: dict[str, dict[str, P.Stat]], first: dict[str, Any]) -
         conf = (first[name].get("routing") or {}).get("confusion")
         per = M.routing_per_domain(conf) if conf else []
         detail = ", ".join(f"{d} {v:.2f}" for d, v in zip(first[name]["order"], per, strict=False))
-        rows.append([name, P.stat_cell(acc, ".3f"), detail or "—"])
-    headers = ["strategy", "routing accuracy", "per domain (first run)"]
+        gap = st.get("oracle_gap", (NAN, NAN, 0))
+        rows.append([name, P.stat_cell(acc, ".3f"), P.stat_cell(gap, "+.2%"), detail or "—"])
+    headers = [
+        "strategy",
+        "routing accuracy",
+        "loss gap to oracle routing",
+        "per domain (first run)",
+    ]
     return ("table", headers, rows) if rows else None
 
 
