@@ -8,7 +8,7 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-fast demo lint format bench bench-quick bench-step bench-buffer bench-shift clean
+.PHONY: install test test-fast demo lint format bench bench-quick bench-step bench-buffer bench-shift bench-routing clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,11 +47,15 @@ bench-quick: install
 
 # The full matrix: 8 domains, every strategy, 3 domain orders (meant for the background).
 bench: install
-	$(BIN)/herllm bench --orders 3 --out results/bench
+	$(BIN)/herllm bench --orders 3 --tokens-per-domain 24000 --evals-per-domain 2 --eval-windows 8 \
+		--probe-items 16 --out results/bench
 
 bench-shift: install
 	$(BIN)/python benchmarks/bench_shift.py --orders 3 --tokens-per-domain 48000 --strategy ewc \
 		--set shift.cooldown=120 --set shift.warmup=64 --out results/bench_shift.json
+
+bench-routing: install
+	$(BIN)/python benchmarks/bench_routing.py --out results/bench_routing.json
 
 bench-buffer: install
 	$(BIN)/python benchmarks/bench_buffer.py --out results/bench_buffer.json

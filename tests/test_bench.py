@@ -30,16 +30,32 @@ def make_stream_dir(root):
     return root
 
 
-def test_micro_bench_writes_well_formed_results(tmp_path, tiny_model_dir):
+def test_micro_bench_writes_well_formed_results(tmp_path, tiny_model_dir, monkeypatch):
+    from herllm import strategies
+
+    future = strategies.Strategy(
+        "future", "not built yet", missing="needs work that has not landed"
+    )
+    monkeypatch.setitem(strategies.STRATEGIES, "future", future)
     stream = make_stream_dir(tmp_path / "stream")
-    bc = BenchConfig(stream_dir=str(stream), strategies=["base", "joint", "naive", "replay", "olora"], orders=1,
+    bc = BenchConfig(stream_dir=str(stream), strategies=["base", "joint", "naive", "replay", "her", "future"], orders=1,
                      tokens_per_domain=1500, evals_per_domain=2, eval_windows=4, probe_items=3, intrinsic=True,
-                     model=str(tiny_model_dir), seq_len=32, batch_size=4, lr=0.01, lora_r=4, out=str(tmp_path / "out"))  # fmt: skip
+                     model=str(tiny_model_dir), seq_len=32, batch_size=4, lr=0.01, lora_r=4, out=str(tmp_path / "out"),
+                     overrides=["shift.warmup=16", "shift.cooldown=16"])  # fmt: skip
     results = run_bench(bc, progress=lambda m: None)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["domains"] == ["alpha", "beta"] and saved["config"]["tokens_per_domain"] == 1500
     runs = {r["strategy"]: r for r in saved["runs"]}
-    assert runs["olora"]["status"] == "not_implemented" and "loss_matrix" not in runs["olora"]
+    assert runs["future"]["status"] == "not_implemented" and "loss_matrix" not in runs["future"]
+    her = runs["her"]
+    assert her["status"] == "ok", her.get("reason")
+    assert her["cost"]["adapters"] == 1 + her["cost"]["adapters_grown"]
+    routing = her["routing"]  # expanding with learned routing: figures against oracle routing
+    assert set(routing["oracle"]) == {"alpha", "beta"} and len(routing["confusion"]) == 2
+    assert (
+        sum(map(sum, routing["confusion"])) == 2 * 4
+    )  # 4 held-out windows per domain, each routed once
+    assert 0.0 <= routing["accuracy"] <= 1.0 and routing["oracle_gap"] == routing["oracle_gap"]
     for name in ("base", "joint", "naive", "replay"):
         r = runs[name]
         assert r["status"] == "ok", r.get("reason")
@@ -55,7 +71,7 @@ def test_micro_bench_writes_well_formed_results(tmp_path, tiny_model_dir):
     assert naive["metrics"]["forgetting_loss"] is not None
     assert naive["cost"]["tokens_trained"] >= 2 * 1500 * 0.9
     assert runs["replay"]["cost"]["buffer_rows"] > 0 and naive["cost"]["buffer_rows"] == 0
-    assert set(results["summary"]) == {"base", "joint", "naive", "replay"}
+    assert set(results["summary"]) == {"base", "joint", "naive", "replay", "her"}
     P = naive["probe_matrix"]  # alpha has 3 probe items; beta has none (NaN)
     assert len(P) == 3 and all(0.0 <= row[0] <= 1.0 for row in P)
 

@@ -52,6 +52,9 @@ def test_a_new_region_grows_one_adapter_and_a_recurring_one_reuses_it(
     with Learner(make_cfg(regions, tiny_model_dir, run, strategy), show_progress=False) as learner:
         summary = learner.run()
         bank = learner.s.bank
+        terms = learner.s.protection.last_terms
+    if strategy == "her":  # MAS protects the reused adapter against its anchor of unit-0001
+        assert "mas" in terms and terms["mas"] > 0
     assert summary.shifts == 2
     assert adapter_actions(run) == [("grow", "a001"), ("reuse", "default")]
     assert list(bank.adapters) == ["default", "a001"] and bank.current == "default"
@@ -66,7 +69,12 @@ def test_routed_outputs_survive_save_and_load_exactly(regions, tiny_model_dir, t
     with Learner(make_cfg(regions, tiny_model_dir, run, "her"), show_progress=False) as learner:
         learner.run()
         tok = learner.s.tokenizer
-        texts = [" ".join(WORDS[:6]), " ".join(DIGITS[:10]), " ".join(WORDS[2:]), "5 + 3 = 8"]
+        texts = [
+            " ".join(WORDS[:6]),
+            " ".join(DIGITS[:10]),
+            " ".join(WORDS[2:]),
+            " ".join(DIGITS[6:] + DIGITS[:6]),
+        ]
         enc = tok(texts, return_tensors="pt", padding=True)
         live = learner.s.inference_model()
         live.eval()

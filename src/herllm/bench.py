@@ -66,6 +66,9 @@ class BenchConfig:
     """LoRA rank of every strategy."""
     seed: int = 0
     """Base seed: order k uses seed + k."""
+    overrides: list[str] = field(default_factory=lambda: ["shift.warmup=64", "shift.cooldown=120"])
+    """Config overrides (`section.key=value`) for every learner, after the strategy's own. The
+    default makes shift detection fit domains of a few hundred windows (docs/benchmarks.md)."""
     out: str = "results/bench"
     """Results directory (results.json, report.md, report.html, plots/)."""
 
@@ -166,7 +169,7 @@ class Sequence:
             f"stream.seq_len={self.bc.seq_len}", f"train.batch_size={self.bc.batch_size}",
             f"train.lr={self.bc.lr}", f"lora.r={self.bc.lora_r}", f"lora.alpha={2 * self.bc.lora_r}",
             f"train.seed={self.seed}", "checkpoint.every_steps=1000000", "eval.every_steps=1000000",
-            "replay.capacity=20000", *self.overrides,
+            "replay.capacity=20000", *self.overrides, *self.bc.overrides,
         ])  # fmt: skip
         return Learner(cfg, show_progress=False)
 

@@ -140,6 +140,9 @@ class ExpandConfig:
     compose: str = "route"
     """`route`: each input uses its nearest unit's adapter (base when far from all); `sum`: all
     adapters add up (O-LoRA)."""
+    init: str = "zero"
+    """A grown adapter starts at `zero` (no change, as O-LoRA) or as a copy of the `current`
+    one, so learning goes on from where the stream was while the old adapter stays frozen."""
     orth_ratio: float = 0.1
     """O-LoRA orthogonality penalty's target share of the LM loss (0 disables it)."""
     max_adapters: int = 8
@@ -268,6 +271,7 @@ class RunConfig:
                 f"leave no new experiences in a batch of {self.train.batch_size}; lower them"
             )
         _choice("expand.compose", self.expand.compose, ("route", "sum"))
+        _choice("expand.init", self.expand.init, ("zero", "current"))
         if self.expand.grow and not self.shift.detect:
             raise ConfigError(
                 "expand.grow=true grows adapters at detected shifts; set shift.detect=true"

@@ -45,12 +45,11 @@ STRATEGIES: dict[str, Strategy] = {
                   "protect.reptile_every=50", "protect.reptile_epsilon=0.5")),
         Strategy("olora", "O-LoRA: a new LoRA adapter per far region, orthogonal to the frozen ones; "
                  "all adapters add up at inference", (*_PLAIN, *_SHIFT, "expand.grow=true", "expand.compose=sum")),
-        Strategy("her", "uncertainty selection + priority replay + general replay + dynamic MAS + "
-                 "Reptile + shift-triggered consolidation + adapters grown per region and routed",
+        Strategy("her", "uncertainty selection + priority replay + general replay + shift-triggered "
+                 "MAS + a warm-started adapter per new region, routed without task ids",
                  ("select.policy=uncertain", "select.fraction=0.75", "replay.policy=priority",
-                  "replay.ratio=0.25", "replay.general_ratio=0.125", "protect.regularizers=[mas]",
-                  "protect.reptile_every=50", "protect.reptile_epsilon=0.5", *_SHIFT,
-                  "expand.grow=true")),
+                  "replay.ratio=0.125", "replay.general_ratio=0.125", "protect.regularizers=[mas]",
+                  *_SHIFT, "expand.grow=true", "expand.init=current", "expand.orth_ratio=0")),
     )
 }  # fmt: skip
 

@@ -69,15 +69,19 @@ def close_unit(s, event, new_windows=()) -> None:
         s.counters["consolidations"] += 1
     tokens = s.counters["tokens_streamed"]
     trained = s.bank.current if s.bank is not None else ADAPTER_NAME
+    spill = []
     if s.bank is not None:
-        key = s.unit_key(unit.id, unit.reservoir)
+        # the key covers the unit's own region: windows read from the estimated change point on
+        # belong to the next region (detection lags); they help decide where that region goes
+        own, spill = unit.split_at(min(event.sample_index, event.change_index))
+        key = s.unit_key(unit.id, own if len(own) >= 8 else unit.reservoir)
         if key is not None:
             s.bank.add_key(key)
     s.ledger.close_unit(s.step, tokens, [trained], ref_loss, stability)
     save_unit_snapshot(s, unit.id)
     record = {k: (v.item() if hasattr(v, "item") else v) for k, v in vars(event).items()}
     if s.bank is not None and new_windows:
-        choose_adapter(s, new_windows)
+        choose_adapter(s, list(new_windows) + [s.window_to_experience(i, m) for i, m in spill])
     s.ledger.open_unit(s.step, tokens, event=record)
     s.counters["shifts"] += 1
     s.log_event({"event": "shift", "step": s.step, "closed": unit.id, **record})
@@ -112,6 +116,8 @@ def choose_adapter(s, new_windows) -> str:
         bank.grown += 1
         name = f"a{bank.grown:03d}"
         ad.add_adapter(s.model, name, ad.fresh_config(s.model, s.cfg.lora))
+        if s.cfg.expand.init == "current":
+            ad.copy_adapter(s.model, bank.current, name)
         bank.adapters[name] = {"units": [], "created_step": step, "rank": None}
         action = "grow"
     previous = bank.current

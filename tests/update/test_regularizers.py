@@ -236,18 +236,29 @@ def test_si_after_step_without_after_backward_is_a_clear_error(setup):
 @pytest.mark.parametrize(
     "case", [c for c in CASES if not c.make().needs_batch], ids=lambda c: c.name
 )
-def test_frozen_parameters_are_dropped_at_the_next_consolidation(case, setup):
+def test_frozen_parameters_keep_their_protection_until_they_train_again(case, setup):
     model, batches = setup
     reg = consolidated(case, model, batches)
     frozen = [n for n in trainable_params(model) if "layers.0." in n]
+    before = reg.state_dict()
     for name, p in model.named_parameters():
         if name in frozen:
             p.requires_grad_(False)
     train_steps(model, [reg], batches, batches[0], steps=2)
     reg.consolidate(model, batches[:1])
     state = reg.state_dict()
-    assert frozen and not set(frozen) & set(state["importance"])
-    assert set(state["importance"]) == set(trainable_params(model)) == set(state["anchor"])
+    assert frozen and set(state["importance"]) == set(before["importance"]) == set(state["anchor"])
+    for name in frozen:  # untouched while frozen: neither re-estimated nor re-anchored
+        assert torch.equal(state["importance"][name], before["importance"][name])
+        assert torch.equal(state["anchor"][name], before["anchor"][name])
+    params = dict(model.named_parameters())
+    with torch.no_grad():  # the frozen part moves (e.g. a rollback), then trains again
+        for name in frozen:
+            params[name].add_(0.05)
+    assert float(reg.penalty(model)) == pytest.approx(0.0, abs=1e-12)  # frozen: no penalty
+    for name in frozen:
+        params[name].requires_grad_(True)
+    assert float(reg.penalty(model)) > 0  # training again: protected against its old anchor
 
 
 def test_ewc_rejects_batches_without_labels(setup):

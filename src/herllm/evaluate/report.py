@@ -44,6 +44,7 @@ COST_COLUMNS = [
     ("wall_seconds", "wall s", ".1f"), ("tokens_trained", "tokens trained", ",.0f"),
     ("tokens_scored", "tokens scored", ",.0f"), ("train_tokens_per_s", "train tok/s", ",.0f"),
     ("peak_rss_mb", "peak RSS MB", ",.0f"), ("total_params", "total params", ",.0f"),
+    ("adapters", "adapters", ".0f"), ("adapters_grown", "adapters grown", ".0f"),
     ("buffer_rows", "buffer rows", ",.0f"), ("buffer_mb", "buffer MB", ".2f"),
     ("flops_per_token", "FLOPs/token", ".3g"), ("mfu", "MFU", ".2%"),
     ("contention_cpu_seconds", "contention CPU s", ".1f"),

@@ -50,6 +50,15 @@ class OpenUnit:
     rep_sum: np.ndarray | None = None
     reservoir: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     """Up to `reservoir_size` windows of this unit (algorithm R): its own held-out probe."""
+    reservoir_index: list[int] = field(default_factory=list)
+    """Stream index (0-based, over every window read) of each reservoir window."""
+
+    def split_at(self, start: int) -> tuple[list, list]:
+        """Reservoir windows read before stream index `start`, and from it on (a unit closes
+        only after its successor has begun: the detector needs samples to confirm a shift)."""
+        before = [w for w, i in zip(self.reservoir, self.reservoir_index, strict=True) if i < start]
+        after = [w for w, i in zip(self.reservoir, self.reservoir_index, strict=True) if i >= start]
+        return before, after
 
 
 class Ledger:
@@ -64,6 +73,7 @@ class Ledger:
         self.current: OpenUnit | None = None
         self.closed: dict[str, dict] = {}  # id -> {"mean_rep": ..., "reference": ...}
         self.count = 0
+        self.total = 0  # windows observed over the whole stream
 
     # -- events -----------------------------------------------------------------------------
     def append(self, record: dict) -> None:
@@ -86,17 +96,21 @@ class Ledger:
         """Account the windows (token ids, loss mask) read in the current unit; reps (B, H)."""
         u = self.current
         u.seen += len(windows)
+        self.total += len(windows)
         u.selected += int(selected.sum())
         if reps is not None:  # None when the loop did not score (plain fine-tuning)
             r = reps.double().sum(0).numpy()
             u.rep_sum = r if u.rep_sum is None else u.rep_sum + r
-        for w in windows:  # reservoir sampling keeps a uniform sample of the whole unit
+        for k, w in enumerate(windows):  # reservoir sampling: a uniform sample of the unit
+            index = self.total - len(windows) + k
             if len(u.reservoir) < self.reservoir_size:
                 u.reservoir.append(w)
+                u.reservoir_index.append(index)
             else:
-                j = int(self.rng.integers(0, u.seen))
+                j = int(self.rng.integers(0, u.seen - len(windows) + k + 1))
                 if j < self.reservoir_size:
                     u.reservoir[j] = w
+                    u.reservoir_index[j] = index
 
     def close_unit(
         self, step: int, tokens: int, adapters: list[str], ref_loss: float, stability: dict
@@ -133,12 +147,13 @@ class Ledger:
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"current": vars(self.current) if self.current else None, "closed": self.closed,
-                "count": self.count, "rng": self.rng.bit_generator.state}  # fmt: skip
+                "count": self.count, "total": self.total, "rng": self.rng.bit_generator.state}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.current = OpenUnit(**state["current"]) if state["current"] else None
         self.closed = state["closed"]
         self.count = state["count"]
+        self.total = state.get("total", 0)
         self.rng.bit_generator.state = state["rng"]
         if self.writer:
             truncate_lines(self.path, self.count)

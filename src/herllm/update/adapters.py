@@ -274,6 +274,24 @@ def fresh_config(model, lora):
     return cfg
 
 
+@torch.no_grad()
+def copy_adapter(model, src: str, dst: str) -> bool:
+    """Start adapter `dst` from `src`'s weights: a warm start that keeps learning where the
+    stream left off, while `src` stays frozen as it was. False (nothing copied) when the ranks
+    differ (`src` is a merged adapter)."""
+    pairs = [
+        (d[src].weight, d[dst].weight)
+        for layer in lora_layers(model)
+        if src in layer.lora_A and dst in layer.lora_A
+        for d in (layer.lora_A, layer.lora_B)
+    ]
+    if not pairs or any(a.shape != b.shape for a, b in pairs):
+        return False
+    for a, b in pairs:
+        b.copy_(a)
+    return True
+
+
 def merge_adapters(model, a: str, b: str, name: str) -> None:
     """Replace adapters `a` and `b` by `name`, whose delta is exactly delta_a + delta_b."""
     peft = _peft(model)

@@ -12,7 +12,8 @@ Each regularizer is a small object the loop calls explicitly (see ``Regularizer`
 
 "Parameters" are those with ``requires_grad=True`` (the LoRA weights of a ``peft.PeftModel``).
 Importances and anchors live on the parameters' device and dtype. A parameter that stops being
-trainable (a frozen adapter) cannot drift, so it is dropped at the next consolidation; one that
+trainable (a frozen adapter) cannot drift, so it is not penalised, but it keeps its importance and
+anchor: if it trains again (a recurring region reuses its adapter) it is protected again. One that
 appears after a consolidation (a grown adapter) is not penalised until the next one.
 
 Quadratic penalties are ``sum_i Omega_i * (theta_i - theta*_i)^2`` with no constant factor: the
@@ -196,13 +197,16 @@ class _Quadratic:
     def _fold(self, model: nn.Module, new: Mapping[str, Tensor]) -> None:
         """Omega <- gamma * Omega + Omega_new; anchor <- current params."""
         params = trainable_params(model)
-        folded = {}
+        # frozen parameters (an adapter that stopped training) keep their importance and anchor
+        # as they were, so they are protected again if they ever train again (a reused adapter)
+        folded = {n: o for n, o in self.importance.items() if n not in params}
+        kept = {n: a for n, a in self.anchor.items() if n in folded}
         for name, p in params.items():
             old = self.importance.get(name)
             fresh = new.get(name, torch.zeros_like(p))
             folded[name] = fresh if old is None else self.gamma * old + fresh
         self.importance = folded
-        self.anchor = snapshot(model)
+        self.anchor = {**kept, **snapshot(model)}
         self.n_consolidations += 1
 
     def after_backward(self, model: nn.Module) -> None:
