@@ -22,15 +22,14 @@ from safetensors.torch import load_file
 
 from herllm import checkpoint as ckpt
 from herllm.acquire.chunks import Experience, Packer, StreamPosition, padded_experience, to_batch
-from herllm.acquire.cursor import load_cursor, save_cursor
 from herllm.acquire.sources import SourceStats, read_documents
 from herllm.config import RunConfig, save_yaml
+from herllm.distributed import Ranks
 from herllm.errors import UserError
 from herllm.memory.general import GeneralSampler
 from herllm.memory.ledger import Ledger, count_lines, truncate_lines
 from herllm.memory.replay import ReplayBuffer
 from herllm.models import ADAPTER_NAME, attach_lora, load_base
-from herllm.refine.scoring import mean_nll
 from herllm.refine.select import build_selector
 from herllm.refine.shift import ShiftDetector
 from herllm.update.protection import Protection, StabilityTracker
@@ -61,6 +60,10 @@ class RunState:
     detector: ShiftDetector | None
     ledger: Ledger
     general: GeneralSampler | None
+    train_model: torch.nn.Module
+    """`model` as Accelerate prepared it (DDP-wrapped on N processes): only the training forward
+    goes through it; scoring, protection, evaluation and saving use `model` itself."""
+    ranks: Ranks
     stability: StabilityTracker = field(default_factory=StabilityTracker)
     step: int = 0
     pending: list[Experience] = field(default_factory=list)
@@ -84,13 +87,15 @@ class RunState:
             docs = read_documents(
                 s.sources, s.include, s.exclude, s.on_bad_input, self.source_stats, s.stdin_format
             )
-            self._windows = self.packer.windows(docs)
+            self._windows = self.packer.windows(self.ranks.shard(docs))
         out = []
         for w in self._windows:
             out.append(w)
             if len(out) == n:
                 break
-        if not out and self.counters["windows_read"] == 0 and self.packer.position.windows == 0:
+        # Emptiness is judged on the whole stream: on N processes one rank's shard may be empty.
+        if (not out and self.counters["windows_read"] == 0 and self.packer.position.windows == 0
+                and self.source_stats.documents == 0):  # fmt: skip
             skipped = self.source_stats.skipped_count
             why = f" ({skipped} bad inputs skipped)" if skipped else ""
             raise UserError(
@@ -143,7 +148,7 @@ class RunState:
                 fh.write(json.dumps(record) + "\n")
 
     def evaluate_heldout(self) -> dict[str, float]:
-        return {name: mean_nll(self.model, batches)[0] for name, batches in self.eval_sets.items()}
+        return {name: self.ranks.mean_nll(self.model, b) for name, b in self.eval_sets.items()}
 
 
 def build_state(cfg: RunConfig, resume: bool) -> RunState:
@@ -166,16 +171,21 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # One scheduler step per optimizer step: Accelerate would otherwise step it N times on N ranks.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False
+    )
+    ranks = Ranks(accelerator)  # refuses a launcher/Accelerate world-size mismatch
     base, tokenizer = load_base(cfg.model)
     model = attach_lora(base, cfg.lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warm = max(cfg.train.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warm))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    train_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model = accelerator.unwrap_model(train_model)
     buffer = None
-    if cfg.replay.capacity > 0:
+    if cfg.replay.capacity > 0 and ranks.main:  # rank 0 is the buffer's one writer
         buffer = ReplayBuffer(
             run_dir / "replay.sqlite",
             cfg.replay.capacity,
@@ -209,10 +219,12 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
         packer=Packer(tokenizer, cfg.stream.seq_len),
         source_stats=SourceStats(),
         eval_sets=load_eval_sets(cfg, tokenizer, accelerator.device),
-        protection=Protection(cfg.protect),
+        protection=Protection(cfg.protect, mean_over_ranks=ranks.mean),
         detector=detector,
         ledger=Ledger(run_dir, seed=cfg.train.seed, writer=accelerator.is_main_process),
         general=general,
+        train_model=train_model,
+        ranks=ranks,
     )
 
 
@@ -247,12 +259,13 @@ def save_checkpoint(s: RunState) -> None:
     if s.last_checkpoint == s.step:
         return
     root = s.run_dir / "checkpoints"
+    ranks = s.ranks.gather_rank_states(s)  # N processes: every rank's cursor, pending, RNG
     if s.accelerator.is_main_process:
         tmp = ckpt.begin(root, s.step)
         model = s.accelerator.unwrap_model(s.model)
         model.save_pretrained(tmp / "adapters" / ADAPTER_NAME, selected_adapters=[ADAPTER_NAME])
-        torch.save(trainer_state(s), tmp / "trainer.pt")
-        save_cursor(s.packer.position, tmp / "cursor.json", s.cfg.stream.sources)
+        torch.save(trainer_state(s) | ({"ranks": ranks} if ranks else {}), tmp / "trainer.pt")
+        s.ranks.save_cursor(tmp / "cursor.json", s, ranks)
         ckpt.publish(tmp)
         if s.buffer is not None:
             s.buffer.commit(s.step)
@@ -289,7 +302,8 @@ def trainer_state(s: RunState) -> dict:
 def load_checkpoint(s: RunState) -> None:
     """Restore the run from the checkpoint that the buffer committed (or the newest one)."""
     root = s.run_dir / "checkpoints"
-    path = ckpt.resume_point(root, s.buffer.committed_step if s.buffer else None)
+    committed = s.buffer.committed_step if s.buffer else None  # rank 0 prunes, the others follow
+    path = s.ranks.on_main(lambda: ckpt.resume_point(root, committed))
     if path is None:
         return  # crashed before the first checkpoint: nothing was committed, start afresh
     weights = load_file(str(path / "adapters" / ADAPTER_NAME / "adapter_model.safetensors"))
@@ -299,6 +313,7 @@ def load_checkpoint(s: RunState) -> None:
     if unexpected:
         raise UserError(f"checkpoint {path} does not match the model: unexpected {unexpected[:3]}")
     state = torch.load(path / "trainer.pt", weights_only=False)
+    position = s.ranks.resume_rank(state, path / "cursor.json", s.cfg.stream.sources)
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
     s.selector.load_state_dict(state["selector"])
@@ -319,9 +334,7 @@ def load_checkpoint(s: RunState) -> None:
     s.stability.load_state_dict(state["stability"])
     if s.accelerator.is_main_process:  # evaluations logged after the checkpoint happen again
         truncate_lines(s.run_dir / "metrics.jsonl", state["metrics_lines"])
-    s.packer = Packer(
-        s.tokenizer, s.cfg.stream.seq_len, load_cursor(path / "cursor.json", s.cfg.stream.sources)
-    )
+    s.packer = Packer(s.tokenizer, s.cfg.stream.seq_len, position)
     s.last_checkpoint = s.step
 
 
