@@ -49,6 +49,11 @@ from herllm.refine.scoring import Scores, mean_nll
 T = TypeVar("T")
 
 
+# Where launchers put the number of processes: torchrun / accelerate launch / deepspeed, then MPI
+# (the variables Accelerate itself reads).
+LAUNCHER_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def check_world_size(num_processes: int, env: dict | None = None) -> None:
     """Refuse a run whose launcher started more processes than Accelerate joined.
 
@@ -56,10 +61,11 @@ def check_world_size(num_processes: int, env: dict | None = None) -> None:
     `cpu=True` gives every process a world of one: each trains alone, without any error.
     """
     env = os.environ if env is None else env
-    launched = int(env.get("WORLD_SIZE", "1"))
+    var = next((v for v in LAUNCHER_WORLD_VARS if env.get(v)), None)
+    launched = int(env[var]) if var else 1
     if launched != num_processes:
         raise UserError(
-            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate "
+            f"the launcher started {launched} processes ({var}={launched}) but Accelerate "
             f"joined {num_processes}, so each rank would train alone; on a CPU-only machine "
             "Accelerate must be built with cpu=True (herllm does when CUDA is absent), so check "
             "the ACCELERATE_* and CUDA_VISIBLE_DEVICES variables, or launch with "
