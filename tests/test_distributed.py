@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from herllm.checkpoint import list_checkpoints
 from herllm.config import build_config
-from herllm.distributed import check_world_size
+from herllm.distributed import check_engine, check_world_size
 from herllm.errors import UserError
 from herllm.learner import Learner
 from herllm.strategies import strategy_overrides
@@ -135,6 +135,17 @@ def test_world_size_mismatch_is_a_user_error():
     check_world_size(4, {"OMPI_COMM_WORLD_SIZE": "4"})  # mpirun, as Accelerate reads it
     with pytest.raises(UserError, match=r"started 2 processes .* joined 1.*nproc_per_node 2"):
         check_world_size(1, {"WORLD_SIZE": "2"})
+
+
+def test_fsdp_and_deepspeed_are_refused_in_one_line():
+    from accelerate.utils import DistributedType
+
+    check_engine(DistributedType.MULTI_CPU)
+    check_engine(DistributedType.MULTI_GPU)
+    for kind, name in ((DistributedType.FSDP, "FSDP"), (DistributedType.DEEPSPEED, "DeepSpeed")):
+        with pytest.raises(UserError, match=f"configured for {name}.*use plain DDP") as err:
+            check_engine(kind)
+        assert "\n" not in str(err.value)
 
 
 MISLAUNCH = """import sys

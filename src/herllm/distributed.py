@@ -73,11 +73,26 @@ def check_world_size(num_processes: int, env: dict | None = None) -> None:
         )
 
 
+def check_engine(distributed_type) -> None:
+    """Refuse the engines that shard parameters or own the optimizer step (see docs/scaling.md)."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        name = "FSDP" if distributed_type == DistributedType.FSDP else "DeepSpeed"
+        raise UserError(
+            f"Accelerate is configured for {name}, which herllm does not support yet: it scores, "
+            f"protects, interpolates and saves the adapter through the model's own parameters, "
+            f"which {name} shards or updates inside its engine; use plain DDP instead "
+            "(`accelerate launch --multi_gpu ...` or `torchrun`), see docs/scaling.md"
+        )
+
+
 class Ranks:
     """This process's place among the N launched processes, and the collectives the loop uses."""
 
     def __init__(self, accelerator) -> None:
         check_world_size(accelerator.num_processes)
+        check_engine(accelerator.distributed_type)
         self.accelerator = accelerator
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
@@ -294,9 +309,12 @@ class Ranks:
             f"`torchrun --nproc_per_node {saved} -m herllm.cli adapt --resume RUN`"
         )
 
-    def close(self) -> None:
-        """Wait for every rank, then leave the process group."""
+    def close(self, s) -> None:
+        """Release the DDP wrapper, wait for every rank, then leave the process group."""
         if self.world > 1 and torch.distributed.is_initialized():
+            # A DDP reducer that outlives its process group can hang the process at exit.
+            s.train_model = s.model
+            self.accelerator.free_memory()  # drops Accelerate's references too, then collects
             self.accelerator.wait_for_everyone()
             torch.distributed.destroy_process_group()
 

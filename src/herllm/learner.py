@@ -68,7 +68,7 @@ class Learner:
         if self.s.buffer is not None:
             self.s.buffer.close()
             self.s.buffer = None
-        self.s.ranks.close()
+        self.s.ranks.close(self.s)
 
     def __enter__(self) -> Learner:
         return self
