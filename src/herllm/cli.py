@@ -230,6 +230,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             )
     with Learner(cfg, resume=bool(args.resume), show_progress=not args.quiet) as learner:
         summary = learner.run()
+    if not learner.s.ranks.main:
+        return 0  # on N processes rank 0 prints the summary and writes the report
     print_summary(summary)
     print(f"report: {write_report(summary)}")
     return 0

@@ -61,7 +61,7 @@ class Learner:
         self.s: RunState = build_state(cfg, resume=resume)
         if resume:
             load_checkpoint(self.s)
-        self.show_progress = show_progress
+        self.show_progress = show_progress and self.s.ranks.main
         self.until_tokens: int | None = None
 
     def close(self) -> None:
@@ -69,6 +69,7 @@ class Learner:
         if self.s.buffer is not None:
             self.s.buffer.close()
             self.s.buffer = None
+        self.s.ranks.close(self.s)
 
     def __enter__(self) -> Learner:
         return self
@@ -122,44 +123,59 @@ class Learner:
         )
 
     def acquire(self) -> list[Experience]:
-        """Read and score windows until a batch's worth of new experiences is selected."""
+        """Read and score windows until a batch's worth of new experiences is selected.
+
+        On N processes each rank reads its own shard and the scored windows of all ranks are
+        gathered: detection, selection, the ledger and the counters see the whole stream on every
+        rank (so every rank decides the same), and each rank keeps its own selected windows.
+        """
         s = self.s
         want = self.cfg.train.batch_size - self.cfg.replay_per_batch - self.cfg.general_per_batch
-        while len(s.pending) < want and not s.stream_done:
-            windows = s.next_windows(self.cfg.select.score_batch_size)
+        while s.ranks.any_true(len(s.pending) < want and not s.stream_done):
+            windows, scores, mine = self.read_and_score(want)
             if not windows:
-                s.stream_done = True
-                break
-            scores = self.score(windows)
+                continue  # every rank that still needed windows has reached its shard's end
             if s.detector is not None:
                 event = s.detector.update(
                     torch.stack([scores.nll, scores.entropy], 1), scores.reps, s.step
                 )
-                if (
-                    event is not None
-                ):  # close the unit, consolidate, pick the adapter, open the next
-                    close_unit(s, event, windows)
+                if s.ranks.agree(event, "shift decision") is not None:
+                    close_unit(s, event, windows)  # close, consolidate, pick the adapter, open next
             chosen = s.selector.select(scores.nll.numpy())
             s.ledger.observe([(w.input_ids[: w.n_tokens], w.loss_mask[: w.n_tokens]) for w in windows],
                              chosen, scores.reps)  # fmt: skip
             self.remember(windows, scores.nll.numpy(), step=s.step)
-            s.pending.extend(w for w, keep in zip(windows, chosen, strict=True) if keep)
+            s.pending.extend(
+                w for w, k, own in zip(windows, chosen, mine, strict=True) if k and own
+            )
             c = s.counters
             c["windows_read"] += len(windows)
             c["tokens_streamed"] += sum(w.n_tokens for w in windows)
             c["tokens_scored"] += scores.tokens
             c["selected"] += int(chosen.sum())
             c["skipped_by_selection"] += int((~chosen).sum())
+        if not s.ranks.all_true(bool(s.pending)):
+            return []  # the stream (on N processes: a rank's shard) has ended: every rank stops
         batch, s.pending = s.pending[:want], s.pending[want:]
         return batch
+
+    def read_and_score(self, want: int) -> tuple[list[Experience], Scores, list[bool]]:
+        """Score this rank's next windows (none when it has enough, or its shard has ended),
+        then gather every rank's in stream order; `mine` marks this rank's own."""
+        s = self.s
+        windows = []
+        if len(s.pending) < want and not s.stream_done:
+            windows = s.next_windows(self.cfg.select.score_batch_size)
+            s.stream_done = not windows
+        return s.ranks.gather_scored(windows, self.score(windows))
 
     def score(self, windows: list[Experience]) -> Scores:
         """No-grad scores of new windows, when something uses them (selection, shift detection,
         priority replay, knowledge units); plain fine-tuning and uniform replay skip the pass."""
         s, cfg = self.s, self.cfg
         needed = (cfg.select.policy != "all" or s.detector is not None or s.protection.regs
-                  or (s.buffer is not None and cfg.replay.policy == "priority"))  # fmt: skip
-        if needed:
+                  or (cfg.replay.capacity > 0 and cfg.replay.policy == "priority"))  # fmt: skip
+        if needed and windows:
             return score_batch(s.model, s.to_device(to_batch(windows)))
         nan = torch.full((len(windows),), float("nan"))
         return Scores(nll=nan, entropy=nan, reps=None, tokens=0)
@@ -176,22 +192,18 @@ class Learner:
         self.s.buffer.add(items, np.nan_to_num(nll, nan=0.0).tolist(), step=step)
 
     def sample_replay(self) -> list:
-        k = self.cfg.replay_per_batch
-        if k == 0 or self.s.buffer is None or len(self.s.buffer) == 0:
-            return []
-        return self.s.buffer.sample(k)
+        return self.s.ranks.sample_replay(self.s.buffer, self.cfg.replay_per_batch)
 
     def sample_general(self) -> list[Experience]:
-        k = self.cfg.general_per_batch
-        return self.s.general.sample(k) if k and self.s.general is not None else []
+        return self.s.ranks.sample_general(self.s.general, self.cfg.general_per_batch)
 
     def update(self, new: list[Experience], replay: list, general: list[Experience]) -> float:
         """One optimizer step on new + replay + general experiences; non-finite losses are skipped."""
         s = self.s
         rows = [s.row_to_experience(r) for r in replay]
         batch = s.to_device(to_batch(new + rows + general))
-        s.model.train()
-        out = s.model(**batch)
+        s.train_model.train()
+        out = s.train_model(**batch)  # DDP-wrapped on N processes: gradients are averaged
         lm_loss = out.loss
         loss = (
             lm_loss + s.protection.penalty(s.model, batch, lm_loss)
@@ -201,7 +213,7 @@ class Learner:
         if s.orth is not None and s.bank.frozen():  # O-LoRA: keep the new subspace orthogonal
             overlap = orthogonality(s.model, s.bank.current, s.bank.frozen())
             loss = loss + s.orth.weight("orth", overlap, lm_loss) * overlap
-        if not torch.isfinite(loss):
+        if not s.ranks.all_true(bool(torch.isfinite(loss))):  # every rank skips, or none
             return self.skip_nonfinite(float(loss.detach()))
         s.accelerator.backward(loss)
         s.protection.after_backward(s.model)
@@ -217,24 +229,29 @@ class Learner:
         s.optimizer.zero_grad(set_to_none=True)
         s.nonfinite_streak = 0
         self.track_losses(out.logits.detach(), batch["labels"], len(new), replay)
+        tokens, n_replay, n_general = s.ranks.sum(
+            int(batch["attention_mask"].sum()), len(replay), len(general)
+        )
         c = s.counters
-        c["tokens_trained"] += int(batch["attention_mask"].sum())
-        c["replayed"] += len(replay)
-        c["general_replayed"] += len(general)
+        c["tokens_trained"] += int(tokens)
+        c["replayed"] += int(n_replay)
+        c["general_replayed"] += int(n_general)
         return float(lm_loss.detach())
 
     def track_losses(self, logits, labels, n_new: int, replay: list) -> None:
         """Per-sample losses feed priority refresh and the stability signals (EMAs)."""
         s = self.s
         refresh = (
-            bool(replay) and self.cfg.replay.policy == "priority" and self.cfg.replay.refresh_scores
+            self.cfg.replay.policy == "priority"
+            and self.cfg.replay.refresh_scores
+            and s.ranks.any_true(bool(replay))
         )
         if not (refresh or (s.protection.regs and self.cfg.protect.dynamic)):
             return  # nobody needs them: keep the step as cheap as a bare training step
         nll = sample_nll(logits[: n_new + len(replay)], labels[: n_new + len(replay)])  # (n,)
-        s.stability.update(float(nll[:n_new].mean()), float(nll[n_new:].mean()) if replay else None)
-        if refresh:
-            s.buffer.update_scores([r.row_id for r in replay], nll[n_new:].cpu().tolist())
+        s.stability.update(*s.ranks.new_and_replay_loss(nll, n_new))  # over the global batch
+        if refresh:  # rank 0 writes the scores of every rank's replayed rows
+            s.ranks.update_scores(s.buffer, [r.row_id for r in replay], nll[n_new:].cpu().tolist())
 
     def stabilize(self) -> None:
         """Periodic consolidation (if asked) and adaptation of the penalty strength."""

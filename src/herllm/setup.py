@@ -22,15 +22,14 @@ from safetensors.torch import load_file
 
 from herllm import checkpoint as ckpt
 from herllm.acquire.chunks import Experience, Packer, StreamPosition, padded_experience, to_batch
-from herllm.acquire.cursor import load_cursor, save_cursor
 from herllm.acquire.sources import SourceStats, read_documents
 from herllm.config import RunConfig, save_yaml
+from herllm.distributed import Ranks
 from herllm.errors import UserError
 from herllm.memory.general import GeneralSampler
 from herllm.memory.ledger import Ledger, count_lines, truncate_lines
 from herllm.memory.replay import ReplayBuffer
 from herllm.models import ADAPTER_NAME, attach_lora, load_base
-from herllm.refine.scoring import mean_nll
 from herllm.refine.select import build_selector
 from herllm.refine.shift import ShiftDetector
 from herllm.update import adapters as ad
@@ -63,6 +62,10 @@ class RunState:
     detector: ShiftDetector | None
     ledger: Ledger
     general: GeneralSampler | None
+    train_model: torch.nn.Module
+    """`model` as Accelerate prepared it (DDP-wrapped on N processes): only the training forward
+    goes through it; scoring, protection, evaluation and saving use `model` itself."""
+    ranks: Ranks
     bank: ad.AdapterBank | None = None
     orth: DynamicStrength | None = None
     stability: StabilityTracker = field(default_factory=StabilityTracker)
@@ -89,13 +92,15 @@ class RunState:
             docs = read_documents(
                 s.sources, s.include, s.exclude, s.on_bad_input, self.source_stats, s.stdin_format
             )
-            self._windows = self.packer.windows(docs)
+            self._windows = self.packer.windows(self.ranks.shard(docs))
         out = []
         for w in self._windows:
             out.append(w)
             if len(out) == n:
                 break
-        if not out and self.counters["windows_read"] == 0 and self.packer.position.windows == 0:
+        # Emptiness is judged on the whole stream: on N processes one rank's shard may be empty.
+        if (not out and self.counters["windows_read"] == 0 and self.packer.position.windows == 0
+                and self.source_stats.documents == 0):  # fmt: skip
             skipped = self.source_stats.skipped_count
             why = f" ({skipped} bad inputs skipped)" if skipped else ""
             raise UserError(
@@ -181,7 +186,7 @@ class RunState:
 
     def evaluate_heldout(self) -> dict[str, float]:
         model = self.inference_model()
-        return {name: mean_nll(model, batches)[0] for name, batches in self.eval_sets.items()}
+        return {name: self.ranks.mean_nll(model, b) for name, b in self.eval_sets.items()}
 
 
 def build_state(cfg: RunConfig, resume: bool) -> RunState:
@@ -204,14 +209,25 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # One scheduler step per optimizer step: Accelerate would otherwise step it N times on N ranks.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False
+    )
+    ranks = Ranks(accelerator)  # refuses a launcher/Accelerate world-size mismatch
+    if cfg.expand.grow and ranks.world > 1:
+        raise UserError(
+            f"expand.grow=true (strategy {cfg.strategy}) is not supported on {ranks.world} processes "
+            "yet: a grown adapter changes the parameter set, which DDP fixes when it wraps the "
+            "model; run it in one process, or set expand.grow=false (see docs/scaling.md)"
+        )
     base, tokenizer = load_base(cfg.model)
     model = attach_lora(base, cfg.lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(cfg, trainable)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    train_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model = accelerator.unwrap_model(train_model)
     buffer = None
-    if cfg.replay.capacity > 0:
+    if cfg.replay.capacity > 0 and ranks.main:  # rank 0 is the buffer's one writer
         buffer = ReplayBuffer(
             run_dir / "replay.sqlite",
             cfg.replay.capacity,
@@ -251,10 +267,12 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
         packer=Packer(tokenizer, cfg.stream.seq_len),
         source_stats=SourceStats(),
         eval_sets=load_eval_sets(cfg, tokenizer, accelerator.device),
-        protection=Protection(cfg.protect),
+        protection=Protection(cfg.protect, mean_over_ranks=ranks.mean),
         detector=detector,
         ledger=Ledger(run_dir, reservoir, seed=cfg.train.seed, writer=accelerator.is_main_process),
         general=general,
+        train_model=train_model,
+        ranks=ranks,
         bank=bank,
         orth=orth,
     )
@@ -299,11 +317,12 @@ def save_checkpoint(s: RunState) -> None:
     if s.last_checkpoint == s.step:
         return
     root = s.run_dir / "checkpoints"
+    ranks = s.ranks.gather_rank_states(s)  # N processes: every rank's cursor, pending, RNG
     if s.accelerator.is_main_process:
         tmp = ckpt.begin(root, s.step)
         save_adapters(s, tmp / "adapters")
-        torch.save(trainer_state(s), tmp / "trainer.pt")
-        save_cursor(s.packer.position, tmp / "cursor.json", s.cfg.stream.sources)
+        torch.save(trainer_state(s) | ({"ranks": ranks} if ranks else {}), tmp / "trainer.pt")
+        s.ranks.save_cursor(tmp / "cursor.json", s, ranks)
         ckpt.publish(tmp)
         if s.buffer is not None:
             s.buffer.commit(s.step)
@@ -342,17 +361,19 @@ def trainer_state(s: RunState) -> dict:
 def load_checkpoint(s: RunState) -> None:
     """Restore the run from the checkpoint that the buffer committed (or the newest one)."""
     root = s.run_dir / "checkpoints"
-    path = ckpt.resume_point(root, s.buffer.committed_step if s.buffer else None)
+    committed = s.buffer.committed_step if s.buffer else None  # rank 0 prunes, the others follow
+    path = s.ranks.on_main(lambda: ckpt.resume_point(root, committed))
     if path is None:
         return  # crashed before the first checkpoint: nothing was committed, start afresh
     state = torch.load(path / "trainer.pt", weights_only=False)
     if state.get("bank") is not None and s.bank is not None:
         s.bank = ad.AdapterBank.from_state(state["bank"])
         s.orth.load_state_dict(state["orth"]) if s.orth is not None and state["orth"] else None
-    load_adapters(s.accelerator.unwrap_model(s.model), path / "adapters", s.bank)
+    load_adapters(s.model, path / "adapters", s.bank)
     if s.bank is not None:
         ad.activate(s.model, s.bank)
         s.rebuild_optimizer()
+    position = s.ranks.resume_rank(state, path / "cursor.json", s.cfg.stream.sources)
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
     s.selector.load_state_dict(state["selector"])
@@ -373,9 +394,7 @@ def load_checkpoint(s: RunState) -> None:
     s.stability.load_state_dict(state["stability"])
     if s.accelerator.is_main_process:  # evaluations logged after the checkpoint happen again
         truncate_lines(s.run_dir / "metrics.jsonl", state["metrics_lines"])
-    s.packer = Packer(
-        s.tokenizer, s.cfg.stream.seq_len, load_cursor(path / "cursor.json", s.cfg.stream.sources)
-    )
+    s.packer = Packer(s.tokenizer, s.cfg.stream.seq_len, position)
     s.last_checkpoint = s.step
 
 

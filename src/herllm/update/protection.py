@@ -7,7 +7,7 @@ Every part is one of the small objects of `regularizers.py` / `meta.py`; this fi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -20,8 +20,15 @@ REGULARIZERS = {"ewc": OnlineEWC, "mas": MAS, "si": SI, "kl": KLAnchor}
 
 
 class Protection:
-    def __init__(self, cfg: ProtectConfig):
+    def __init__(
+        self,
+        cfg: ProtectConfig,
+        mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    ):
         self.cfg = cfg
+        self.mean_over_ranks = mean_over_ranks
+        """On N processes: averages the magnitudes that set the weights, so every rank keeps the
+        same strength state (the identity on one process)."""
         self.regs = {}
         for name in cfg.regularizers:
             cls = REGULARIZERS[name]
@@ -49,12 +56,18 @@ class Protection:
         """Sum of weighted penalties; each weight keeps its term a set share of the LM loss."""
         total = lm_loss.new_zeros(())
         self.last_terms = {}
-        for name, reg in self.regs.items():
-            p = reg.penalty(model, batch)
-            if not p.requires_grad:
-                continue  # zero before the first consolidation
+        # Terms are zero (no grad) before the first consolidation.
+        terms = {n: p for n, p in ((n, r.penalty(model, batch)) for n, r in self.regs.items())
+                 if p.requires_grad}  # fmt: skip
+        if terms and self.cfg.dynamic:  # sizes (1 + terms,): LM loss, then each penalty
+            sizes = self.mean_over_ranks(
+                torch.stack(
+                    [lm_loss.detach().float()] + [p.detach().float() for p in terms.values()]
+                )
+            )
+        for i, (name, p) in enumerate(terms.items()):
             w = (
-                self.strength.weight(name, p.detach(), lm_loss.detach())
+                self.strength.weight(name, sizes[i + 1], sizes[0])
                 if self.cfg.dynamic
                 else self.cfg.strength
             )

@@ -1,0 +1,347 @@
+"""The same loop on N processes (HF Accelerate: DDP over gloo or NCCL), and the checks that keep
+the ranks together.
+
+What each rank does, and what the ranks share (see docs/scaling.md):
+
+- **Stream.** Rank r of N reads documents ``g`` with ``(g - base) % N == r`` (``base`` is 0 unless
+  a single-process run was resumed under N processes). Every rank lists the sources, but only its
+  own documents are tokenized, scored and trained on: no document is learned twice.
+- **Scores.** After each scoring pass the scored windows of all ranks are gathered, in stream
+  order. Every rank then runs the same shift detector, selector, ledger and counters on the same
+  data, so decisions that change the model or the loss (closing a unit, consolidating, Reptile)
+  happen on every rank at the same step; a shift decision is also compared across ranks, and a
+  mismatch stops the run. Each rank keeps its own selected windows to train on.
+- **Replay.** Rank 0 alone owns the SQLite buffer: it adds the gathered windows, draws
+  ``k * N`` rows per step and sends each rank its ``k`` (one writer, no lock contention, nothing
+  seen on another rank is lost). Refreshed replay scores are gathered back to rank 0.
+- **Update.** The LM loss is per rank; DDP averages the gradients. The magnitudes that set the
+  penalty weights and the stability signals are averaged over ranks, so protection state stays
+  identical everywhere.
+- **Writes.** Rank 0 writes checkpoints, the ledger, metrics, events and the report. Each
+  checkpoint stores every rank's stream position, pending windows and RNG state, and a digest of
+  each rank's weights and protection state: ranks that differ stop the run.
+- **Stop.** Ranks agree every step whether all of them have a batch; the first rank whose shard
+  runs out ends the run for all (its peers' selected-but-untrained windows are kept in the buffer
+  and the checkpoint).
+
+With one process every method here is the identity, so a single-process run is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from herllm.acquire.chunks import Experience, StreamPosition
+from herllm.acquire.cursor import load_shard_cursors, save_cursor, save_shard_cursors
+from herllm.acquire.sources import Document
+from herllm.errors import UserError
+from herllm.refine.scoring import Scores, mean_nll
+
+T = TypeVar("T")
+
+
+# Where launchers put the number of processes: torchrun / accelerate launch / deepspeed, then MPI
+# (the variables Accelerate itself reads).
+LAUNCHER_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_world_size(num_processes: int, env: dict | None = None) -> None:
+    """Refuse a run whose launcher started more processes than Accelerate joined.
+
+    On a CPU machine, `torchrun --nproc_per_node 2` with an Accelerator that is not told
+    `cpu=True` gives every process a world of one: each trains alone, without any error.
+    """
+    env = os.environ if env is None else env
+    var = next((v for v in LAUNCHER_WORLD_VARS if env.get(v)), None)
+    launched = int(env[var]) if var else 1
+    if launched != num_processes:
+        raise UserError(
+            f"the launcher started {launched} processes ({var}={launched}) but Accelerate "
+            f"joined {num_processes}, so each rank would train alone; on a CPU-only machine "
+            "Accelerate must be built with cpu=True (herllm does when CUDA is absent), so check "
+            "the ACCELERATE_* and CUDA_VISIBLE_DEVICES variables, or launch with "
+            f"`torchrun --nproc_per_node {launched} -m herllm.cli adapt ...`"
+        )
+
+
+def check_engine(distributed_type) -> None:
+    """Refuse the engines that shard parameters or own the optimizer step (see docs/scaling.md)."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        name = "FSDP" if distributed_type == DistributedType.FSDP else "DeepSpeed"
+        raise UserError(
+            f"Accelerate is configured for {name}, which herllm does not support yet: it scores, "
+            f"protects, interpolates and saves the adapter through the model's own parameters, "
+            f"which {name} shards or updates inside its engine; use plain DDP instead "
+            "(`accelerate launch --multi_gpu ...` or `torchrun`), see docs/scaling.md"
+        )
+
+
+class Ranks:
+    """This process's place among the N launched processes, and the collectives the loop uses."""
+
+    def __init__(self, accelerator) -> None:
+        check_world_size(accelerator.num_processes)
+        check_engine(accelerator.distributed_type)
+        self.accelerator = accelerator
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.device = accelerator.device
+        self.base = 0
+        """Global index of the first document sharded among the ranks (see `resume_rank`)."""
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives ------------------------------------------------------------------------
+    def _reduce(self, values: list[float], op) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=op)
+        return t.tolist()
+
+    def any_true(self, flag: bool) -> bool:
+        if self.world == 1:
+            return bool(flag)
+        return self._reduce([float(flag)], torch.distributed.ReduceOp.MAX)[0] > 0
+
+    def all_true(self, flag: bool) -> bool:
+        if self.world == 1:
+            return bool(flag)
+        return self._reduce([float(flag)], torch.distributed.ReduceOp.MIN)[0] > 0
+
+    def sum(self, *values: float) -> list[float]:
+        """Element-wise sums over ranks (exact for counts below 2**53)."""
+        if self.world == 1:
+            return list(values)
+        return self._reduce(list(values), torch.distributed.ReduceOp.SUM)
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean of a tensor over ranks (a detached copy; the identity on one process)."""
+        if self.world == 1:
+            return t
+        out = t.detach().clone()
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        return out / self.world
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's object, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out: list = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's object on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj if self.main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on rank 0 only (e.g. something that deletes files) and share its result."""
+        return self.broadcast(fn() if self.main else None)
+
+    def agree(self, value: T, what: str) -> T:
+        """`value` if every rank computed the same one; else stop: the ranks have diverged."""
+        if self.world == 1:
+            return value
+        seen = self.gather(repr(value))
+        if len(set(seen)) > 1:
+            raise RuntimeError(
+                f"ranks diverged on the {what}: {seen}; this is a bug in herllm, please report it"
+            )
+        return value
+
+    # -- stream -----------------------------------------------------------------------------
+    def shard(self, docs: Iterator[Document]) -> Iterator[Document]:
+        """This rank's documents: global index g >= base with (g - base) % world == rank."""
+        if self.world == 1 and self.base == 0:
+            return docs
+        return (
+            doc
+            for g, doc in enumerate(docs)
+            if g >= self.base and (g - self.base) % self.world == self.rank
+        )
+
+    def global_index(self, local: int, rank: int) -> int:
+        return self.base + local * self.world + rank
+
+    def gather_scored(
+        self, windows: list[Experience], scores: Scores
+    ) -> tuple[list[Experience], Scores, list[bool]]:
+        """The scored windows of every rank, in stream order; `mine` marks this rank's own."""
+        if self.world == 1:
+            return windows, scores, [True] * len(windows)
+        reps = scores.reps.numpy() if scores.reps is not None else None
+        parts = self.gather(
+            (windows, scores.nll.numpy(), scores.entropy.numpy(), reps, scores.tokens)
+        )
+        items = []
+        for rank, (ws, nll, ent, rp, _) in enumerate(parts):
+            for i, w in enumerate(ws):
+                order = (self.global_index(w.doc_index, rank), w.offset)
+                items.append((order, rank, w, nll[i], ent[i], None if rp is None else rp[i]))
+        items.sort(key=lambda t: t[0])
+        with_reps = bool(items) and all(t[5] is not None for t in items)
+        merged = Scores(
+            nll=torch.tensor(np.array([t[3] for t in items], dtype=np.float32)),
+            entropy=torch.tensor(np.array([t[4] for t in items], dtype=np.float32)),
+            reps=torch.from_numpy(np.stack([t[5] for t in items])) if with_reps else None,
+            tokens=sum(p[4] for p in parts),
+        )
+        return [t[2] for t in items], merged, [t[1] == self.rank for t in items]
+
+    # -- replay and general samples -----------------------------------------------------------
+    def sample_replay(self, buffer, k: int) -> list:
+        """k rows for this rank: rank 0 draws k * world rows and deals them out."""
+        if k == 0:
+            return []
+        if self.world == 1:
+            return buffer.sample(k) if buffer is not None and len(buffer) else []
+        rows = buffer.sample(k * self.world) if buffer is not None and len(buffer) else []
+        return self.broadcast(rows)[self.rank :: self.world]
+
+    def sample_general(self, general, k: int) -> list[Experience]:
+        """k general windows for this rank; every rank's sampler draws the same k * world."""
+        if not k or general is None:
+            return []
+        return general.sample(k * self.world)[self.rank :: self.world]
+
+    def update_scores(self, buffer, row_ids: list[int], scores: list[float]) -> None:
+        """Refreshed replay scores of every rank, written by rank 0 (the buffer's one writer)."""
+        if self.world > 1:
+            parts = self.gather((row_ids, scores))
+            row_ids = [i for ids, _ in parts for i in ids]
+            scores = [v for _, vals in parts for v in vals]
+        if buffer is not None:
+            buffer.update_scores(row_ids, scores)
+
+    def new_and_replay_loss(self, nll: torch.Tensor, n_new: int) -> tuple[float, float | None]:
+        """Mean loss of the new and of the replayed samples of the global batch; nll (B,)."""
+        new, old = nll[:n_new], nll[n_new:]
+        if self.world == 1:
+            return float(new.mean()), (float(old.mean()) if len(old) else None)
+        s_new, n, s_old, m = self.sum(float(new.sum()), len(new), float(old.sum()), len(old))
+        return s_new / max(n, 1), (s_old / m if m else None)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def mean_nll(self, model, batches: list[dict]) -> float:
+        """Token-weighted mean NLL over batches, each rank evaluating every world-th batch."""
+        if self.world == 1:
+            return mean_nll(model, batches)[0]
+        mean, n = mean_nll(model, batches[self.rank :: self.world])
+        total, count = self.sum(mean * n if n else 0.0, n)
+        return total / count if count else math.nan
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def gather_rank_states(self, s) -> list[dict] | None:
+        """Every rank's stream position, pending windows and RNG state (None on one process),
+        after checking that the ranks hold the same weights and protection state."""
+        if self.world == 1:
+            return None
+        from herllm import checkpoint as ckpt
+
+        mine = {
+            "position": asdict(s.packer.position),
+            "pending": [vars(e) for e in s.pending],
+            "stream_done": s.stream_done,
+            "rng": ckpt.rng_state(),
+            "digest": digest(s),
+        }
+        states = self.gather(mine)
+        digests = [r["digest"] for r in states]
+        if len(set(digests)) > 1:
+            raise RuntimeError(
+                f"ranks hold different weights or protection state at step {s.step} (digests "
+                f"{[d[:12] for d in digests]}); this is a bug in herllm, please report it"
+            )
+        return states
+
+    def save_cursor(self, path: Path, s, states: list[dict] | None) -> None:
+        if states is None:
+            save_cursor(s.packer.position, path, s.cfg.stream.sources)
+        else:
+            positions = [StreamPosition(**r["position"]) for r in states]
+            save_shard_cursors(positions, self.base, path, s.cfg.stream.sources)
+
+    def resume_rank(self, state: dict, cursor: Path, sources: list[str]) -> StreamPosition:
+        """This rank's stream position; `state`'s pending windows, RNG and end-of-stream flag
+        become this rank's own.
+
+        Same number of processes: each rank continues exactly where it was. A single-process
+        checkpoint under N processes: the documents from its position on are sharded anew
+        (`base`), rank 0 finishes the document it was in and keeps the pending windows. A
+        checkpoint of N processes under M != N: refused (its N interleaved positions cannot be
+        re-dealt without reading some documents twice or skipping some).
+        """
+        positions, base = load_shard_cursors(cursor, sources)
+        saved = len(positions)
+        if saved == self.world:
+            self.base = base
+            if "ranks" in state:
+                mine = state["ranks"][self.rank]
+                state.update(pending=mine["pending"], rng=mine["rng"],
+                             stream_done=mine["stream_done"])  # fmt: skip
+            return positions[self.rank]
+        if saved == 1:
+            p = positions[0]
+            self.base = base + p.doc_index
+            if self.main:
+                return StreamPosition(0, p.token_offset, p.doc_id, p.windows, p.tokens)
+            state["pending"] = []
+            return StreamPosition()
+        raise UserError(
+            f"checkpoint {cursor.parent} was written by {saved} processes and cannot resume "
+            f"under {self.world}: its stream position is {saved} interleaved shards; resume with "
+            f"`torchrun --nproc_per_node {saved} -m herllm.cli adapt --resume RUN`"
+        )
+
+    def close(self, s) -> None:
+        """Release the DDP wrapper, wait for every rank, then leave the process group."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            # A DDP reducer that outlives its process group can hang the process at exit.
+            s.train_model = s.model
+            self.accelerator.free_memory()  # drops Accelerate's references too, then collects
+            self.accelerator.wait_for_everyone()
+            torch.distributed.destroy_process_group()
+
+
+def digest(s) -> str:
+    """SHA-256 of the trainable weights and the protection state (ranks must agree on both)."""
+    h = hashlib.sha256()
+    for p in s.trainable:
+        h.update(_bytes(p))
+    _hash_tree(h, s.protection.state_dict())
+    return h.hexdigest()
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _hash_tree(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        h.update(_bytes(obj))
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _hash_tree(h, obj[k])
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            _hash_tree(h, v)
+    else:
+        h.update(repr(obj).encode())

@@ -1,0 +1,279 @@
+"""The loop on two processes (torchrun, gloo DDP on CPU): ranks stay identical, the result matches
+one process over the same global batch, a killed run resumes exactly, a mis-launch is refused.
+
+The stream is two regions of documents that are each exactly one window long, so that rank r of 2
+(documents r, r+2, ...) with batch 4 trains on the same windows per step as one process with
+batch 8, and every window has the same number of loss tokens (so the mean of the two ranks' mean
+losses is the one-process mean).
+"""
+
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from herllm.checkpoint import list_checkpoints
+from herllm.config import build_config
+from herllm.distributed import check_engine, check_world_size
+from herllm.errors import UserError
+from herllm.learner import Learner
+from herllm.strategies import strategy_overrides
+
+SEQ = 32
+# Tolerance of "two processes match one": float reduction order (a batch of 4 per rank vs 8,
+# then DDP's mean of two means vs one mean) gives ~1e-7 relative differences per step, which
+# Adam and 80 steps grow to the measured max |diff| of the adapter weights (see docs/scaling.md).
+MATCH_ATOL = 1e-4
+
+needs_gloo = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with gloo is not available",
+)
+
+
+def exact_docs(tok, words: list[str], n: int, rng: random.Random) -> list[str]:
+    """n documents of exactly SEQ tokens each ([bos] text [eos])."""
+    docs = []
+    while len(docs) < n:
+        text = ""
+        while len(tok(text, add_special_tokens=False)["input_ids"]) + 2 < SEQ:
+            text += (" " if text else "") + rng.choice(words)
+        if len(tok(text, add_special_tokens=False)["input_ids"]) + 2 == SEQ:
+            docs.append(text)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory, tiny_model_dir) -> Path:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    root = tmp_path_factory.mktemp("dist")
+    rng = random.Random(0)
+    regions = {"1-words.txt": "river lamp ledger valley keeper window rain stone".split(),
+               "2-code.txt": "def return class self push items append add".split()}  # fmt: skip
+    src = root / "src"
+    src.mkdir()
+    for name, words in regions.items():
+        (src / name).write_text("\n\x1e\n".join(exact_docs(tok, words, 160, rng)))
+    (root / "heldout.txt").write_text("\n\x1e\n".join(exact_docs(tok, sum(regions.values(), []), 48, rng)))  # fmt: skip
+    return root
+
+
+def options(root: Path, batch: int) -> list[str]:
+    """The protection-enabled strategy (her) with select=all, replay and general replay 1/4 each
+    (so that the per-rank batch of 4 and the single batch of 8 both round to whole rows) and
+    small cadences."""
+    return [f"train.batch_size={batch}", f"select.score_batch_size={batch}", "select.policy=all",
+            "replay.ratio=0.25", "replay.general_ratio=0.25", f"replay.general_sources=[{root / 'src' / '1-words.txt'}]",
+            "replay.general_windows=64", f"stream.seq_len={SEQ}", "shift.warmup=50",
+            "protect.reptile_every=20", "checkpoint.every_steps=10", "eval.every_steps=25",
+            f"eval.files=[{root / 'heldout.txt'}]", "train.lr=0.01",
+            "expand.grow=false"]  # fmt: skip  # adapter growth is single-process only (refused)
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "herllm.cli", "adapt", "--quiet", *args]  # fmt: skip
+
+
+def adapt_argv(root: Path, model: Path, run: Path) -> list[str]:
+    sets = [x for o in options(root, 4) for x in ("--set", o)]
+    return torchrun(str(root / "src"), "--model", str(model), "--run-dir", str(run),
+                    "--strategy", "her", *sets)  # fmt: skip
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def final(run: Path) -> dict:
+    step, ckpt = list_checkpoints(run / "checkpoints")[-1]
+    trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
+    with sqlite3.connect(run / "replay.sqlite") as db:
+        rows = sorted(db.execute("SELECT doc_id, offset, times_replayed, last_score FROM rows"))
+    return {
+        "step": step,
+        "weights": load_file(str(ckpt / "adapters" / "default" / "adapter_model.safetensors")),
+        "trainer": trainer,
+        "rows": rows,
+        "cursor": json.loads((ckpt / "cursor.json").read_text()),
+    }
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and its workers (torchrun starts each worker in its own session, so
+    killing the launcher's process group would leave them running)."""
+    launcher = psutil.Process(proc.pid)
+    workers = launcher.children(recursive=True)
+    for p in [launcher, *workers]:
+        p.kill()
+    proc.wait()
+    psutil.wait_procs(workers, timeout=30)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+COUNTERS = ("windows_read", "tokens_streamed", "tokens_trained", "selected", "replayed",
+            "general_replayed", "shifts", "consolidations", "reptile_steps")  # fmt: skip
+
+
+def test_world_size_mismatch_is_a_user_error():
+    check_world_size(2, {"WORLD_SIZE": "2"})
+    check_world_size(1, {})
+    check_world_size(4, {"OMPI_COMM_WORLD_SIZE": "4"})  # mpirun, as Accelerate reads it
+    with pytest.raises(UserError, match=r"started 2 processes .* joined 1.*nproc_per_node 2"):
+        check_world_size(1, {"WORLD_SIZE": "2"})
+
+
+def test_fsdp_and_deepspeed_are_refused_in_one_line():
+    from accelerate.utils import DistributedType
+
+    check_engine(DistributedType.MULTI_CPU)
+    check_engine(DistributedType.MULTI_GPU)
+    for kind, name in ((DistributedType.FSDP, "FSDP"), (DistributedType.DEEPSPEED, "DeepSpeed")):
+        with pytest.raises(UserError, match=f"configured for {name}.*use plain DDP") as err:
+            check_engine(kind)
+        assert "\n" not in str(err.value)
+
+
+MISLAUNCH = """import sys
+import herllm.setup
+from herllm.cli import main
+real = herllm.setup.Accelerator
+# The mis-launch: an Accelerator not told it runs on CPU gives each torchrun worker a world of 1.
+herllm.setup.Accelerator = lambda **kw: real(**{**kw, "cpu": False})
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_mislaunched_run_stops_with_a_clear_error(stream, tiny_model_dir, tmp_path):
+    script = tmp_path / "mislaunch.py"
+    script.write_text(MISLAUNCH)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(script), "adapt", "--quiet", str(stream / "src"), "--model", str(tiny_model_dir),
+            "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    out = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    errors = [x for x in out.stderr.splitlines() if x.startswith("herllm: error:")]
+    assert errors  # the first rank to fail prints it; torchrun then stops the other
+    assert "launcher started 2 processes (WORLD_SIZE=2) but Accelerate joined 1" in errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_two_processes_match_one_and_resume_exactly(stream, tiny_model_dir, tmp_path):
+    # Two processes, uninterrupted.
+    two = tmp_path / "two"
+    subprocess.run(adapt_argv(stream, tiny_model_dir, two), env=env(), check=True, timeout=300)
+    ref = final(two)
+    t = ref["trainer"]
+    assert t["counters"]["shifts"] == 1 and t["counters"]["consolidations"] == 1
+    assert t["counters"]["reptile_steps"] == ref["step"] // 20 > 0
+    # Identical trainable weights and protection state on both ranks, at every checkpoint.
+    digests = [r["digest"] for r in t["ranks"]]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    # Each rank read its own documents: their parities (2 ranks) never mix.
+    assert ref["cursor"]["world"] == 2 and len(ref["cursor"]["positions"]) == 2
+    assert t["counters"]["windows_read"] == 320 == len(ref["rows"])  # every window, once
+
+    # One process over the same global batch (8 = 2 x 4).
+    cfg = build_config(None, [*strategy_overrides("her"), "strategy=her",
+                              f"model.name_or_path={tiny_model_dir}", f"run_dir={tmp_path / 'one'}",
+                              f"stream.sources=[{stream / 'src'}]", *options(stream, 8)])  # fmt: skip
+    with Learner(cfg, show_progress=False) as one:
+        summary = one.run()
+    single = final(tmp_path / "one")
+    assert single["step"] == ref["step"]
+    for k in COUNTERS:
+        assert single["trainer"]["counters"][k] == t["counters"][k], k
+    assert [r[:2] for r in single["rows"]] == [r[:2] for r in ref["rows"]]
+    diff = max_diff(single["weights"], ref["weights"])
+    print(f"max |weight diff| one vs two processes: {diff:.3g}")
+    assert diff < MATCH_ATOL
+    evals = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (two, tmp_path / "one")]  # fmt: skip
+    assert [e["step"] for e in evals[0]] == [e["step"] for e in evals[1]] == [0, 25, 50, 75, 80]
+    gaps = [abs(a["eval_nll"]["heldout.txt"] - b["eval_nll"]["heldout.txt"]) for a, b in zip(*evals, strict=True)]  # fmt: skip
+    print(f"max |held-out NLL diff| one vs two processes: {max(gaps):.3g}")
+    assert max(gaps) < 1e-4  # held-out loss, two ranks evaluating half of it each
+    assert evals[1][-1]["eval_nll"] == summary.eval_last
+
+    # Kill a two-process run after its first checkpoint, resume it under two processes.
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(adapt_argv(stream, tiny_model_dir, killed), env=env())
+    deadline = time.time() + 240
+    while not list_checkpoints(killed / "checkpoints") and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(0.5)  # somewhere past the first checkpoint
+    kill_all(proc)
+    first = list_checkpoints(killed / "checkpoints")[-1][0]
+    assert 0 < first < ref["step"]
+    subprocess.run(torchrun("--resume", str(killed)), env=env(), check=True, timeout=300)
+    got = final(killed)
+    assert got["step"] == ref["step"]
+    assert {k: got["trainer"]["counters"][k] for k in COUNTERS} == {
+        k: t["counters"][k] for k in COUNTERS
+    }
+    assert got["cursor"] == ref["cursor"]
+    assert [r[:3] for r in got["rows"]] == [r[:3] for r in ref["rows"]]
+    assert max_diff(got["weights"], ref["weights"]) < 1e-6
+
+    # A single-process checkpoint resumed under two processes (batch 8 -> 2 x 4): the rest of
+    # the stream is sharded from its position, and the result is the one-process run's.
+    grown = tmp_path / "grown"
+    cfg = build_config(None, [*strategy_overrides("her"), "strategy=her",
+                              f"model.name_or_path={tiny_model_dir}", f"run_dir={grown}",
+                              f"stream.sources=[{stream / 'src'}]", *options(stream, 8),
+                              "train.max_steps=30"])  # fmt: skip
+    with Learner(cfg, show_progress=False) as part:
+        part.run()
+    more = ["--batch-size", "4", "--set", "select.score_batch_size=4", "--max-steps", "0"]
+    subprocess.run(torchrun("--resume", str(grown), *more), env=env(), check=True, timeout=300)
+    g = final(grown)
+    assert g["cursor"]["world"] == 2 and g["cursor"]["base"] == 120  # 30 steps x 4 new windows
+    assert {k: g["trainer"]["counters"][k] for k in COUNTERS} == {
+        k: single["trainer"]["counters"][k] for k in COUNTERS
+    }
+    assert [r[:2] for r in g["rows"]] == [r[:2] for r in single["rows"]]
+    diff = max_diff(g["weights"], single["weights"])
+    print(f"max |weight diff| one process vs one resumed under two: {diff:.3g}")
+    assert diff < MATCH_ATOL
+
+    # A two-process checkpoint cannot resume under one process: one clear line.
+    with pytest.raises(UserError, match="written by 2 processes.*nproc_per_node 2"):
+        Learner(build_config(str(killed / "config.yaml"), [f"run_dir={killed}"]), resume=True)
+
+
+def test_adapter_growth_on_several_processes_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    import herllm.setup
+
+    class TwoRanks:  # what Ranks reports under `torchrun --nproc_per_node 2`
+        def __init__(self, accelerator):
+            self.world = 2
+
+    monkeypatch.setattr(herllm.setup, "Ranks", TwoRanks)
+    (tmp_path / "a.txt").write_text("river lamp ledger " * 50)
+    cfg = build_config(None, [*strategy_overrides("olora"), "strategy=olora",
+                              f"model.name_or_path={tiny_model_dir}", f"run_dir={tmp_path / 'run'}",
+                              f"stream.sources=[{tmp_path / 'a.txt'}]"])  # fmt: skip
+    with pytest.raises(
+        UserError, match=r"expand.grow=true \(strategy olora\) is not supported on 2 processes"
+    ):
+        Learner(cfg, show_progress=False)
