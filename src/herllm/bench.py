@@ -89,8 +89,9 @@ def domain_orders(domains: list[str], n: int, seed: int) -> list[list[str]]:
     return orders
 
 
-def run_bench(bc: BenchConfig, progress=print) -> dict:
-    """Run every (strategy, order), write results.json and the report; return the results."""
+def run_bench(bc: BenchConfig, progress=print, command: str | None = None) -> dict:
+    """Run every (strategy, order), write results.json and the report; return the results.
+    `command` (the command line that started it) is recorded for the report."""
     unknown = [s for s in bc.strategies if s not in STRATEGIES and s not in REFERENCE]
     if unknown:
         raise UserError(
@@ -100,7 +101,7 @@ def run_bench(bc: BenchConfig, progress=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = load_bench_data(bc, out / "data")
     peak = measure_matmul_peak()
-    results = {"herllm_version": __version__, "date": time.strftime("%Y-%m-%d"), "config": asdict(bc),
+    results = {"herllm_version": __version__, "date": time.strftime("%Y-%m-%d"), "config": asdict(bc), "command": command,
                "machine": machine_info(peak), "domains": data.domains, "runs": []}  # fmt: skip
     for k, order in enumerate(domain_orders(data.domains, bc.orders, bc.seed)):
         for strategy in bc.strategies:

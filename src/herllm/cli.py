@@ -291,8 +291,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from herllm.evaluate.report import render_report
 
     bc = from_dict(BenchConfig, apply_overrides({}, overrides_from_args(args)))
+    import shlex
+
     results = run_bench(
-        bc, progress=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+        bc,
+        progress=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr)),
+        command=shlex.join(["herllm", *sys.argv[1:]]),
     )
     md, html = render_report(Path(bc.out))
     bad = [f"{r['strategy']} ({r['status']})" for r in results["runs"] if r["status"] != "ok"]

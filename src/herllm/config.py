@@ -107,7 +107,8 @@ class ProtectConfig:
     dynamic: bool = True
     """Adapt the share online: up when earlier units are forgotten, down when nothing new is learned."""
     consolidate_batches: int = 4
-    """Batches (of recent training data) used to estimate importances at a consolidation."""
+    """Batches of 8 windows from the closing unit's uniform sample used to estimate importances
+    at a consolidation (one backward pass per window)."""
     consolidate_every: int = 0
     """Also consolidate every this many steps (0 = only at detected shifts)."""
     reptile_every: int = 0

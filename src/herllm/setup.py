@@ -122,7 +122,11 @@ class RunState:
         """A uniform sample of the current knowledge unit, as batches (for consolidation)."""
         from herllm.units import reservoir_batches
 
-        return reservoir_batches(self, self.ledger.current.reservoir) if self.ledger.current else []
+        if self.ledger.current is None:
+            return []
+        return reservoir_batches(self, self.ledger.current.reservoir)[
+            : self.cfg.protect.consolidate_batches
+        ]
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
