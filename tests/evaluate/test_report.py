@@ -287,3 +287,39 @@ def test_report_renders_in_headless_chromium(rendered, tmp_path):
     mean = sum(i * c for i, c in enumerate(hist)) / total
     std = math.sqrt(sum(c * (i - mean) ** 2 for i, c in enumerate(hist)) / total)
     assert std > 10, f"screenshot is nearly uniform (grey-level std {std:.1f})"
+
+
+def test_her_targets_say_met_or_by_how_much_they_are_missed():
+    from herllm.evaluate.targets import target_rows
+
+    def st(**kw):
+        return {k: (v, 0.0, 3) for k, v in kw.items()}
+
+    stats = {
+        "joint": st(avg_final_loss=4.0),
+        "naive": st(forgetting_loss=0.4, plasticity=4.0, general_delta=0.4, wall_seconds=10.0),
+        "replay": st(forgetting_loss=0.05),
+        "her": st(avg_final_loss=4.02, forgetting_loss=0.08, plasticity=4.2, general_delta=0.1,
+                  wall_seconds=12.0),
+    }  # fmt: skip
+    rows = {r[0]: r for r in target_rows(stats)}
+    assert rows["average final loss within 1% of joint"][2] == "met"  # +0.5%
+    assert rows["forgetting at most 25% of naive's"][2] == "met"  # 20%
+    assert rows["forgetting below replay's"][2] == "above replay by 0.03"
+    assert rows["plasticity within 2% of naive"][1] == "4.2 vs 4: +5.0%"
+    assert rows["plasticity within 2% of naive"][2] == "short by 3.0 percentage points"
+    assert rows["general-ability delta at most 25% of naive's"][2] == "met"  # exactly 25%
+    stats["her"]["general_delta"] = (0.12, 0.0, 3)
+    rows_gd = {r[0]: r for r in target_rows(stats)}
+    assert (
+        rows_gd["general-ability delta at most 25% of naive's"][2]
+        == "short by 5.0 percentage points"
+    )
+    stats["her"]["general_delta"] = (0.1, 0.0, 3)
+    assert rows["wall-clock at most 1.3x naive"][2] == "met"  # 1.2x
+    del stats["replay"]
+    stats["her"]["wall_seconds"] = (20.0, 0.0, 3)
+    rows = {r[0]: r for r in target_rows(stats)}
+    assert "forgetting below replay's" not in rows  # no replay row: nothing to compare with
+    assert rows["wall-clock at most 1.3x naive"][2] == "short by 0.70x"
+    assert target_rows({"naive": stats["naive"]}) == []  # no her row at all

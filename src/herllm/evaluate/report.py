@@ -20,6 +20,7 @@ import numpy as np
 from herllm.errors import UserError
 from herllm.evaluate import metrics as M
 from herllm.evaluate import report_plots as P
+from herllm.evaluate.targets import target_rows
 
 # fmt: off
 STRATEGY_ORDER = "base joint naive replay ewc mas si lwf mer olora her".split()
@@ -373,6 +374,11 @@ def _body(data: dict[str, Any], results_dir: Path) -> list[Block]:
         ("p", note),
         *_section("Ratios of means against naive and joint", _ratio_table(stats)),
     ]
+    rows = target_rows(stats)
+    if rows:
+        blocks += _section(
+            "her against its targets", ("table", ["target", "measured", "verdict"], rows)
+        )
     domains = list(data.get("domains") or [])
     blocks += P.figure_blocks(first, stats, per_run, domains, results_dir / "plots")
     blocks += _section("Cost", P.stat_table(stats, n_ok, COST_COLUMNS))
