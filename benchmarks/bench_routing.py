@@ -61,7 +61,7 @@ def main() -> None:
     ex = ExpandConfig()
     bank = AdapterBank(DOMAINS[0], reuse_radius=ex.reuse_radius, fallback_radius=ex.fallback_radius)
     for d in DOMAINS:
-        bank.adapters.setdefault(d, {"units": [], "created_step": 0, "rank": None})
+        bank.register(d)
         bank.add_key(keys[d])
     names = list(DOMAINS) + [BASE]
     true, routed = [], []
@@ -75,7 +75,7 @@ def main() -> None:
         others = AdapterBank("x")
         for e in DOMAINS:
             if e != d:
-                others.adapters.setdefault(e, {"units": [], "created_step": 0, "rank": None})
+                others.register(e)
                 others.add_key(keys[e])
         own = bank.decide(test[d][:16])
         new = others.decide(test[d][:16])

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from herllm import checkpoint as ckpt
-from herllm.acquire.chunks import padded_experience, to_batch
+from herllm.acquire.chunks import window_batches
 from herllm.config import build_config
 from herllm.errors import UserError
 from herllm.models import ADAPTER_NAME, attach_lora, load_base
@@ -24,23 +24,12 @@ from herllm.update import adapters as ad
 
 
 def fit_unit_key(
-    model,
-    reservoir,
-    unit: str,
-    adapter: str,
-    seq_len: int,
-    pad_id: int,
-    device,
-    batch_size: int = 8,
+    model, reservoir, unit: str, adapter: str, seq_len: int, pad_id: int, device
 ) -> ad.RoutingKey | None:
     """Routing key of a unit from its reservoir windows (token ids, loss mask); None if < 8."""
     if len(reservoir) < 8:
         return None
-    exps = [padded_experience("", -1, ids, mask, seq_len, pad_id) for ids, mask in reservoir]
-    batches = [
-        {k: v.to(device) for k, v in to_batch(exps[i : i + batch_size]).items()}
-        for i in range(0, len(exps), batch_size)
-    ]
+    batches = window_batches(reservoir, seq_len, pad_id, device)
     return ad.RoutingKey.fit(unit, adapter, ad.base_reps(model, batches).numpy())
 
 

@@ -25,12 +25,11 @@ def reservoir_batches(
     s, reservoir: list[tuple[np.ndarray, np.ndarray]], batch_size: int = 8
 ) -> list[dict]:
     """A unit's reservoir windows as padded model batches on the device."""
-    from herllm.acquire.chunks import to_batch
+    from herllm.acquire.chunks import window_batches
 
-    exps = [s.window_to_experience(ids, mask) for ids, mask in reservoir]
-    return [
-        s.to_device(to_batch(exps[i : i + batch_size])) for i in range(0, len(exps), batch_size)
-    ]
+    return window_batches(
+        reservoir, s.cfg.stream.seq_len, s.packer.pad_id, s.accelerator.device, batch_size
+    )
 
 
 def earlier_units_loss(s, units: int = 4, windows: int = 8) -> float | None:
@@ -105,7 +104,7 @@ def choose_adapter(s, new_windows) -> str:
             merged = f"m{bank.merged + 1:03d}"
             ad.merge_adapters(s.model, a, b, merged)
             units = bank.adapters.pop(a)["units"] + bank.adapters.pop(b)["units"]
-            bank.adapters[merged] = {"units": units, "created_step": step, "rank": None}
+            bank.register(merged, step, units)
             for key in bank.keys.values():
                 key.adapter = merged if key.adapter in (a, b) else key.adapter
             bank.merged += 1
@@ -118,7 +117,7 @@ def choose_adapter(s, new_windows) -> str:
         ad.add_adapter(s.model, name, ad.fresh_config(s.model, s.cfg.lora))
         if s.cfg.expand.init == "current":
             ad.copy_adapter(s.model, bank.current, name)
-        bank.adapters[name] = {"units": [], "created_step": step, "rank": None}
+        bank.register(name, step)
         action = "grow"
     previous = bank.current
     bank.current = name

@@ -42,7 +42,7 @@ def test_training_with_the_penalty_reduces_the_overlap():
         model = tiny_lora_llama(seed=1)
         ad.add_adapter(model, "a001", model.peft_config["default"])
         bank = ad.AdapterBank("a001", compose="sum")
-        bank.adapters["default"] = {"units": [], "created_step": 0, "rank": None}
+        bank.register("default")
         ad.activate(model, bank)
         params = [p for p in model.parameters() if p.requires_grad]
         assert params and all("a001" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -73,7 +73,7 @@ def test_activate_sum_keeps_old_adapters_frozen_and_route_uses_one():
     model = tiny_lora_llama()
     ad.add_adapter(model, "a001", model.peft_config["default"])
     bank = ad.AdapterBank("a001", compose="sum")
-    bank.adapters["default"] = {"units": [], "created_step": 0, "rank": None}
+    bank.register("default")
     ad.activate(model, bank)
     assert set(model.base_model.active_adapters) == {"default", "a001"}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -93,7 +93,7 @@ def clusters(seed: int, centre: float, n: int = 40, dim: int = 16) -> np.ndarray
 def bank_with(keys: dict[str, np.ndarray]) -> ad.AdapterBank:
     bank = ad.AdapterBank(next(iter(keys)))
     for name, reps in keys.items():
-        bank.adapters.setdefault(name, {"units": [], "created_step": 0, "rank": None})
+        bank.register(name)
         bank.add_key(ad.RoutingKey.fit(f"unit-{name}", name, reps))
     return bank
 
@@ -159,7 +159,7 @@ def test_routed_model_mixes_adapters_in_one_batch():
     batch = ids(4, n=2)
     reps = ad.base_reps(model, [batch]).numpy()
     bank = ad.AdapterBank("default")
-    bank.adapters["a001"] = {"units": [], "created_step": 0, "rank": None}
+    bank.register("a001")
     for i, name in enumerate(("default", "a001")):  # each input is its own unit's centre
         bank.add_key(ad.RoutingKey(f"u{i}", name, reps[i], np.ones_like(reps[i]), 1.0, 1))
     routed = ad.RoutedModel(model, bank)

@@ -165,6 +165,15 @@ def _advance(
     return out
 
 
+def window_batches(windows, seq_len: int, pad_id: int, device, batch_size: int = 8) -> list[dict]:
+    """Unpadded windows `(token ids, loss mask)` as padded model batches on `device`."""
+    exps = [padded_experience("", -1, ids, mask, seq_len, pad_id) for ids, mask in windows]
+    return [
+        {k: v.to(device) for k, v in to_batch(exps[i : i + batch_size]).items()}
+        for i in range(0, len(exps), batch_size)
+    ]
+
+
 def to_batch(experiences: list[Experience]) -> dict:
     """Stack experiences into a model batch (torch tensors); labels are -100 where no loss."""
     import torch

@@ -122,15 +122,14 @@ class AdapterBank:
     reuse_radius: float = 1.3
     fallback_radius: float = 2.5
     max_adapters: int = 8
-    adapters: dict[str, dict] = field(
-        default_factory=dict
-    )  # name -> {"units", "created_step", "rank"}
+    # adapter name -> {"units": [unit ids], "created_step": int}
+    adapters: dict[str, dict] = field(default_factory=dict)
     keys: dict[str, RoutingKey] = field(default_factory=dict)  # unit id -> key
     grown: int = 0
     merged: int = 0
 
     def __post_init__(self) -> None:
-        self.adapters.setdefault(self.current, {"units": [], "created_step": 0, "rank": None})
+        self.register(self.current)
 
     # -- routing -------------------------------------------------------------------------------
     def nearest(self, reps, keys: list[RoutingKey] | None = None):
@@ -142,8 +141,8 @@ class AdapterBank:
         if not keys:
             return [], np.zeros(len(reps), dtype=int), np.full(len(reps), np.inf)
         best = np.stack([k.loglik(reps) for k in keys], 1).argmax(1)  # (N,)
-        ratio = np.array([keys[j].ratio(reps[i : i + 1])[0] for i, j in enumerate(best)])
-        return keys, best, ratio
+        ratios = np.stack([k.ratio(reps) for k in keys], 1)  # (N, K)
+        return keys, best, ratios[np.arange(len(reps)), best]
 
     def route(self, reps, extra: list[RoutingKey] = ()) -> list[str]:
         """Adapter name per input (most likely unit), or BASE when far from every unit."""
@@ -184,6 +183,10 @@ class AdapterBank:
                 if d < best:
                     best, pair = d, (a, b)
         return pair
+
+    def register(self, name: str, step: int = 0, units: list[str] | None = None) -> None:
+        """Record adapter `name` (created at `step`, holding `units`) if it is new."""
+        self.adapters.setdefault(name, {"units": list(units or []), "created_step": step})
 
     def add_key(self, key: RoutingKey) -> None:
         self.keys[key.unit] = key
@@ -300,16 +303,6 @@ def merge_adapters(model, a: str, b: str, name: str) -> None:
     peft.delete_adapter(b)
 
 
-def adapter_params(model, name: str) -> int:
-    return sum(
-        mod.weight.numel()
-        for layer in lora_layers(model)
-        for d in (layer.lora_A, layer.lora_B)
-        for n, mod in d.items()
-        if n == name
-    )
-
-
 # -- inference ---------------------------------------------------------------------------------
 
 
@@ -327,6 +320,8 @@ class RoutedModel:
         self._extra = list(extra_keys)
         self._force = force
         self.last_routes: list[str] = []
+        self.record: list[str] | None = None
+        """When a list, every call's routes are appended to it (evaluators read them back)."""
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -343,6 +338,8 @@ class RoutedModel:
         if self._bank.compose == "sum" and self._force is None:
             return None  # every adapter is active
         self.last_routes = self.routes(input_ids, attention_mask)
+        if self.record is not None:
+            self.record.extend(self.last_routes)
         return self.last_routes
 
     def __call__(self, input_ids=None, attention_mask=None, **kw):
