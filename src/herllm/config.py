@@ -131,6 +131,13 @@ class ShiftConfig:
     """Confirmation level: how far (in standard errors) recent representations must move."""
     confirm_with_reps: bool = True
     """Require the representation statistic to confirm a score change before raising a shift."""
+    reps: str = "base"
+    """Representations the detector watches: `base` (the frozen base model's pooled last hidden
+    states, one more pass through the decoder per scored batch; training cannot read as a shift)
+    or `model` (the scoring pass's own, free, but they move as the adapters learn)."""
+    rep_channel: bool = True
+    """Also raise candidates when representations move away from the unit's (not only when
+    scores drift): a new region with familiar difficulty is still found."""
 
 
 @dataclass
@@ -233,6 +240,7 @@ class RunConfig:
         _choice("stream.stdin_format", self.stream.stdin_format, ("text", "jsonl"))
         _choice("select.policy", self.select.policy, ("all", "uncertain"))
         _choice("replay.policy", self.replay.policy, ("reservoir", "priority"))
+        _choice("shift.reps", self.shift.reps, ("base", "model"))
         _positive("lora.r", self.lora.r)
         _positive("stream.seq_len", self.stream.seq_len)
         _positive("train.batch_size", self.train.batch_size)

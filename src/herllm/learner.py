@@ -176,7 +176,8 @@ class Learner:
         needed = (cfg.select.policy != "all" or s.detector is not None or s.protection.regs
                   or (cfg.replay.capacity > 0 and cfg.replay.policy == "priority"))  # fmt: skip
         if needed and windows:
-            return score_batch(s.model, s.to_device(to_batch(windows)))
+            base = s.detector is not None and cfg.shift.reps == "base"
+            return score_batch(s.model, s.to_device(to_batch(windows)), base_reps=base)
         nan = torch.full((len(windows),), float("nan"))
         return Scores(nll=nan, entropy=nan, reps=None, tokens=0)
 

@@ -246,7 +246,8 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
     detector = None
     if sh.detect:
         detector = ShiftDetector(channels=("nll", "entropy"), warmup=sh.warmup, cooldown=sh.cooldown,
-                                 rep_z_threshold=sh.rep_z_threshold, confirm_with_reps=sh.confirm_with_reps)  # fmt: skip
+                                 rep_z_threshold=sh.rep_z_threshold, confirm_with_reps=sh.confirm_with_reps,
+                                 rep_channel=sh.rep_channel)  # fmt: skip
     general = None
     if cfg.replay.general_ratio > 0:
         general = GeneralSampler(tokenizer, cfg.stream.seq_len, cfg.replay.general_sources,

@@ -120,8 +120,34 @@ def test_representations_every_fourth_batch_still_confirm():
     assert 1000 <= events[0].confirmed_index <= 1000 + det.patience
 
 
-def test_state_round_trip_continues_identically():
-    det = ShiftDetector()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rep_channel_finds_a_region_whose_scores_do_not_move(seed):
+    # Same difficulty, other inputs: the score detectors have nothing to see.
+    segments = [Segment(1000), Segment(1000, 0.0, 1.0)]
+    assert run(ShiftDetector(), segments, seed) == []
+    det = ShiftDetector(rep_channel=True)
+    events = run(det, segments, seed)
+    assert len(events) == 1
+    assert "rep:" in events[0].detector
+    assert 1000 <= events[0].confirmed_index <= 1000 + 100
+    assert abs(events[0].change_index - 1000) <= 8  # located on the representations
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rep_channel_raises_no_false_alarm_in_20k_stationary_samples(seed):
+    det = ShiftDetector(rep_channel=True)
+    assert run(det, [Segment(20_000)], seed) == []
+
+
+def test_rep_channel_needs_representations_on_every_batch():
+    det = ShiftDetector(rep_channel=True)
+    with pytest.raises(ValueError, match="rep_channel=True"):
+        det.update(np.ones(8), None, 0)
+
+
+@pytest.mark.parametrize("rep_channel", [False, True])
+def test_state_round_trip_continues_identically(rep_channel):
+    det = ShiftDetector(rep_channel=rep_channel)
     # Checkpoint while a candidate waits for confirmation, then continue both.
     run(det, [Segment(900), Segment(40, -2.0, 1.0)], seed=8)
     state = det.state_dict()
@@ -129,13 +155,34 @@ def test_state_round_trip_continues_identically():
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
-    fresh = ShiftDetector()
+    fresh = ShiftDetector(rep_channel=rep_channel)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     rest = [Segment(1000, -2.0, 1.0), Segment(1000, 0.0, 0.0)]
     events = run(det, rest, seed=9)
     assert run(fresh, rest, seed=9) == events
     assert len(events) == 2 and abs(events[0].change_index - 900) <= 20
-    assert fresh.state_dict()["recent"] == det.state_dict()["recent"]
+    ours, theirs = fresh.state_dict()["seen"], det.state_dict()["seen"]
+    assert len(ours) == len(theirs) > 0
+    assert all(x == y and torch.equal(r, q) for (x, r), (y, q) in zip(ours, theirs, strict=True))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_next_unit_starts_at_the_change_point_and_is_ready_at_once(seed):
+    # Regions of 150 samples: a unit that warmed up again after each confirmation (and cooled
+    # down from it) would be blind when the next region starts.
+    det = ShiftDetector(warmup=64, cooldown=120)
+    segments = [
+        Segment(1000),
+        Segment(150, 2.0, 1.0),
+        Segment(150, 0.0, 3.0),
+        Segment(300, 2.0, 5.0),
+    ]
+    events = run(det, segments, seed)
+    starts = (1000, 1150, 1300)
+    assert len(events) == 3
+    for event, start in zip(events, starts, strict=True):
+        assert abs(event.change_index - start) <= 40
+        assert 0 <= event.confirmed_index - start <= 110
 
 
 def test_multiple_score_channels_and_bad_input():

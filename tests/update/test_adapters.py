@@ -83,6 +83,30 @@ def test_activate_sum_keeps_old_adapters_frozen_and_route_uses_one():
     assert model.base_model.active_adapters == ["a001"]
 
 
+def test_base_representations_leave_adapters_as_they_were():
+    model = tiny_lora_llama()
+    ad.add_adapter(model, "a001", model.peft_config["default"])
+    bank = ad.AdapterBank("a001", compose="sum")
+    bank.register("default")
+    ad.activate(model, bank)
+    with torch.no_grad():  # a001 changes the outputs (LoRA B starts at zero)
+        for layer in ad.lora_layers(model):
+            layer.lora_B["a001"].weight.normal_(0, 0.5)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    batch = ids(1)
+    adapted = model(**batch).logits
+    reps = ad.base_reps(model, [batch])
+    # PEFT re-enables (and un-freezes) every active adapter when `disable_adapter` ends.
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert torch.equal(model(**batch).logits, adapted)  # adapters are on again
+    with model.disable_adapter():
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(reps, hidden.mean(1), atol=1e-6)  # the base model's, adapters off
+    assert not torch.allclose(
+        reps, model(**batch, output_hidden_states=True).hidden_states[-1].mean(1)
+    )
+
+
 def clusters(seed: int, centre: float, n: int = 40, dim: int = 16) -> np.ndarray:
     rng = np.random.default_rng(seed)
     c = np.zeros(dim)

@@ -52,23 +52,64 @@ def sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll.sum(-1) / count
 
 
+def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) states -> (B, H) float mean over real tokens."""
+    mask = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
+    return (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
 @torch.inference_mode()
-def score_batch(model, batch: dict) -> Scores:
-    """One no-grad forward pass: NLL, entropy and pooled representation of every sample."""
+def base_pooled_states(model, batch: dict) -> torch.Tensor:
+    """(B, H) mean-pooled last hidden states of the base model, adapters off, on the CPU.
+
+    The decoder stack alone runs when the architecture exposes it (`get_decoder`): no output
+    layer over the vocabulary, which is a large share of a small model's forward pass."""
+    peft = getattr(model, "module", model)  # the PeftModel inside an Accelerate/DDP wrapper
+    was_training = peft.training
+    peft.eval()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    # Leaving `disable_adapter` re-activates the active adapters and makes them all trainable
+    # (PEFT); frozen adapters must stay frozen.
+    trainable = [p.requires_grad for p in peft.parameters()]
+    with peft.disable_adapter():
+        get = getattr(peft.get_base_model(), "get_decoder", None)
+        decoder = get() if callable(get) else None
+        hidden = None
+        if decoder is not None and decoder is not peft.get_base_model():
+            hidden = getattr(decoder(input_ids=ids, attention_mask=mask), "last_hidden_state", None)
+        if hidden is None:
+            hidden = peft(
+                input_ids=ids, attention_mask=mask, output_hidden_states=True
+            ).hidden_states[-1]
+    for p, flag in zip(peft.parameters(), trainable, strict=True):
+        p.requires_grad_(flag)
+    if was_training:
+        peft.train()
+    return _pool(hidden, mask).cpu()
+
+
+@torch.inference_mode()
+def score_batch(model, batch: dict, base_reps: bool = False) -> Scores:
+    """One no-grad forward pass: NLL, entropy and pooled representation of every sample.
+
+    With ``base_reps`` the representations are the base model's (adapters off, one more pass
+    through the decoder): what the inputs look like, whatever the adapters have learned."""
     was_training = model.training
     model.eval()
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
-        output_hidden_states=True,
+        output_hidden_states=not base_reps,
     )
     if was_training:
         model.train()
     nll, ent, _ = token_stats(out.logits, batch["labels"])
-    hidden = out.hidden_states[-1].float()  # (B, T, H)
-    mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
-    reps = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B, H)
-    return Scores(nll=nll.cpu(), entropy=ent.cpu(), reps=reps.cpu(), tokens=int(mask.sum()))
+    if base_reps:
+        reps = base_pooled_states(model, batch)
+    else:
+        reps = _pool(out.hidden_states[-1], batch["attention_mask"]).cpu()
+    tokens = int(batch["attention_mask"].sum())
+    return Scores(nll=nll.cpu(), entropy=ent.cpu(), reps=reps, tokens=tokens)
 
 
 @torch.no_grad()

@@ -13,10 +13,12 @@ Nobody says where one region of the stream ends. Two signals together say it:
    ``rep_z = ||mean(flagged) - mean(ref)|| / sqrt(tr(Sigma_ref) * (1/n + 1/m))``, the distance
    between means in standard errors (about 1 under no change, whatever the hidden size).
 
-After a confirmed shift a new unit starts: the score scale and the representation reference are
-re-estimated (the flagged samples seed the new reference) and no event is raised for
-``cooldown`` samples, so one shift gives one event. Thresholds are in units of the unit's own
-spread, so they carry across models and scores.
+After a confirmed shift a new unit starts at the estimated change point (a CUSUM split of the
+unit's recent scores): the samples read since then, kept in a short history, re-estimate the score
+scale and seed the representation reference, so the new unit is ready to detect the next shift as
+soon as it is confirmed instead of warming up again. No event is raised within ``cooldown``
+samples of the change point, so one shift gives one event. Thresholds are in units of the unit's
+own spread, so they carry across models and scores.
 
 Defaults, measured on synthetic streams (N(0, 1) score noise, batches of 8, 5 seeds each;
 2-core CPU, 2026-11-21): no false alarm in 20k stationary samples, even from the score detectors
@@ -82,24 +84,68 @@ class _RepStats:
 
 
 @dataclass
+class _RepModel:
+    """A unit's representations as a diagonal Gaussian: the ``rep`` channel is each sample's
+    log mean squared standardised distance to it."""
+
+    center: np.ndarray  # (H,)
+    scale: np.ndarray  # (H,)
+
+    @classmethod
+    def fit(cls, reps: np.ndarray) -> tuple[_RepModel, np.ndarray]:
+        """The model of ``reps`` (n, H) and each one's leave-one-out channel value: in-sample
+        distances are smaller than a new sample's, and would make the unit's own look far."""
+        n = len(reps)
+        spread = reps.std(0)
+        floor = 0.1 * float(spread.mean()) + 1e-12
+        s1, s2 = reps.sum(0), (reps**2).sum(0)
+        loo_mean = (s1 - reps) / (n - 1)  # (n, H) mean without sample i
+        loo_var = np.maximum((s2 - reps**2) / (n - 1) - loo_mean**2, 0.0) * (n - 1) / max(n - 2, 1)
+        own = np.log((((reps - loo_mean) / (np.sqrt(loo_var) + floor)) ** 2).mean(1) + 1e-12)
+        return cls(reps.mean(0), spread + floor), own
+
+    def log_distance(self, reps: np.ndarray) -> np.ndarray:
+        return np.log((((reps - self.center) / self.scale) ** 2).mean(1) + 1e-12)
+
+
+@dataclass
 class _Pending:
     index: int
     detectors: set[str]
     reps: list[Tensor] = field(default_factory=list)
 
 
-def _change_point(z: np.ndarray) -> tuple[int, float]:
-    """CUSUM estimate of a single mean change in ``z``: (first index after it, mean shift)."""
+@dataclass
+class _Seen:
+    """One sample of the current unit, kept to locate a change point and seed the next unit."""
+
+    scores: np.ndarray  # (C,) raw scores
+    rep: Tensor | None  # (H,) float32 representation, None where the loop computed none
+
+
+def _change_point(z: np.ndarray) -> int:
+    """CUSUM estimate of a single mean change in ``z`` (n,) or (n, D): the first index after it."""
+    z = z.reshape(len(z), -1)
     n = len(z)
     if n < 2:
-        return 0, 0.0
+        return 0
     k = np.arange(1, n)  # split points: z[:k] before, z[k:] after
-    cusum = np.cumsum(z)[:-1]  # (n-1,) S_k
+    cusum = np.cumsum(z, 0)[:-1]  # (n-1, D) S_k
     # Standardised bridge (the max-t split): plain CUSUM drifts far back when, as here, the
     # new region is a short tail after a long history.
-    t = np.abs(cusum - k / n * z.sum()) / np.sqrt(k * (n - k) / n)
-    split = int(k[np.argmax(t)])
-    return split, float(z[split:].mean() - z[:split].mean())
+    t = ((cusum - np.outer(k / n, z.sum(0))) ** 2).sum(1) / (k * (n - k) / n)
+    return int(k[np.argmax(t)])
+
+
+def _standardised_reps(reps: np.ndarray, reference: int) -> np.ndarray:
+    """(n, H) reps in units of the per-dimension spread of the first ``reference`` ones, each
+    sample's norm capped at twice the typical one (one odd document must not look like a change)."""
+    ref = reps[: max(reference, 2)]
+    spread = ref.std(0)
+    z = (reps - ref.mean(0)) / (spread + 0.1 * spread.mean() + 1e-12)
+    norm = np.linalg.norm(z, axis=1, keepdims=True)  # (n, 1)
+    cap = 2.0 * float(np.median(norm[: max(reference, 2)]))
+    return z * np.minimum(1.0, cap / np.maximum(norm, 1e-12))
 
 
 class ShiftDetector:
@@ -115,8 +161,8 @@ class ShiftDetector:
     raise no new one; ``ph_delta``/``ph_threshold`` (PageHinkley allowance and alarm level) and
     ``adwin_delta``/``adwin_clock`` act on standardised scores clipped to +-``clip``;
     ``rep_z_threshold`` is the confirmation level of ``rep_z``, computed once ``min_confirm``
-    flagged and ``min_reference`` reference representations exist; ``history`` recent scores
-    locate the change point.
+    flagged and ``min_reference`` reference representations exist; the unit's last ``history``
+    samples (scores and representations) locate the change point and seed the next unit.
     """
 
     def __init__(
@@ -130,6 +176,7 @@ class ShiftDetector:
         adwin_clock: int = 32,
         clip: float = 5.0,
         confirm_with_reps: bool = True,
+        rep_channel: bool = False,
         rep_z_threshold: float = 4.0,
         min_confirm: int = 64,
         min_reference: int = 32,
@@ -145,6 +192,9 @@ class ShiftDetector:
         if patience < min_confirm:
             raise ValueError(f"ShiftDetector patience={patience} < min_confirm={min_confirm}")
         self.channels = tuple(channels)
+        self.rep_channel = rep_channel
+        self._names = self.channels + (("rep",) if rep_channel else ())
+        self._rep_model: _RepModel | None = None
         self.warmup, self.cooldown, self.clip = warmup, cooldown, clip
         self.ph_delta, self.ph_threshold = ph_delta, ph_threshold
         self.adwin_delta, self.adwin_clock = adwin_delta, adwin_clock
@@ -157,29 +207,41 @@ class ShiftDetector:
         self.n_rejected = 0
         self._cool_until = 0
         self._pending: _Pending | None = None
-        self._new_unit(seed_reps=None)
+        self._new_unit()
 
-    def _new_unit(self, seed_reps: Tensor | None) -> None:
+    def _new_unit(self, seed: list[_Seen] = ()) -> None:
+        """Start a unit; ``seed`` are samples already read from its start (its change point)."""
         c = len(self.channels)
         self._unit_n = 0
         self._score_mean = np.zeros(c)
         self._score_m2 = np.zeros(c)
         self._score_sd: np.ndarray | None = None  # set when the warm-up ends
-        self._recent: deque[float] = deque(maxlen=self.history)  # primary channel's z
+        self._seen: deque[_Seen] = deque(seed, maxlen=self.history)
         self._detectors: list[dict[str, DriftDetector]] | None = None
+        self._rep_model = None
         self._ref = _RepStats()
-        if seed_reps is not None:
-            self._ref.add(seed_reps)
+        for item in seed:
+            self._welford(item.scores)
+        if self._unit_n >= self.warmup:
+            self._end_warmup()
+        reps = [item.rep for item in seed if item.rep is not None]
+        if reps:
+            self._ref.add(torch.stack(reps).double())
 
     def _make_detectors(self) -> list[dict[str, DriftDetector]]:
+        # Scores may move either way; the representation distance only matters when it grows.
         return [
             {
                 "adwin": drift.ADWIN(delta=self.adwin_delta, clock=self.adwin_clock),
                 "page_hinkley": drift.PageHinkley(
-                    min_instances=30, delta=self.ph_delta, threshold=self.ph_threshold, alpha=1.0
+                    min_instances=30,
+                    delta=self.ph_delta,
+                    threshold=self.ph_threshold,
+                    alpha=1.0,
+                    mode="up" if name == "rep" else "both",
                 ),
             }
-            for _ in self.channels
+            for name in self._names
         ]
 
     def update(
@@ -188,9 +250,15 @@ class ShiftDetector:
         """Feed one batch of per-sample scores (and optionally representations)."""
         x = self._as_matrix(scores)  # (B, C)
         reps64 = self._as_reps(reps, x.shape[0])  # (B, H) or None
+        if self.rep_channel and reps64 is None:
+            raise ValueError(
+                "ShiftDetector(rep_channel=True).update got reps=None; pass the (B, H) "
+                "representations of every batch, or build it with rep_channel=False"
+            )
         flagged = np.zeros(x.shape[0], dtype=bool)
         for j in range(x.shape[0]):
-            self._observe(x[j])
+            self._seen.append(_Seen(x[j], None if reps64 is None else reps64[j].float()))
+            self._observe(x[j], self._seen[-1].rep)
             flagged[j] = self._pending is not None
         if reps64 is not None:
             mask = torch.from_numpy(flagged)
@@ -199,37 +267,49 @@ class ShiftDetector:
                 self._pending.reps.append(reps64[mask])
         return self._resolve(step)
 
-    def _observe(self, x: np.ndarray) -> None:
+    def _observe(self, x: np.ndarray, rep: Tensor | None) -> None:
         """One sample: warm-up statistics, or standardise, feed the detectors, open candidates."""
         idx = self.n_seen
         self.n_seen += 1
         if self._score_sd is None:
             self._warm(x)
             return
-        z = np.clip((x - self._score_mean) / self._score_sd, -self.clip, self.clip)  # (C,)
+        if self.rep_channel:
+            x = np.append(x, self._rep_model.log_distance(rep[None].double().numpy()))
+        z = np.clip((x - self._score_mean) / self._score_sd, -self.clip, self.clip)  # (C[+1],)
         fired = set()
         for c, dets in enumerate(self._detectors):
             for kind, det in dets.items():
                 det.update(float(z[c]))
                 if det.drift_detected:
-                    fired.add(f"{self.channels[c]}:{kind}")
+                    fired.add(f"{self._names[c]}:{kind}")
         if self._pending is None and fired and idx >= self._cool_until:
             self._pending = _Pending(index=idx, detectors=fired)
         elif self._pending is not None:
             self._pending.detectors |= fired
-        self._recent.append(float(z[0]))
 
     def _warm(self, x: np.ndarray) -> None:
         """Welford on the unit's first ``warmup`` scores; then fix the scale, start detectors."""
+        self._welford(x)
+        if self._unit_n >= self.warmup:
+            self._end_warmup()
+
+    def _welford(self, x: np.ndarray) -> None:
         self._unit_n += 1
         delta = x - self._score_mean
         self._score_mean = self._score_mean + delta / self._unit_n
         self._score_m2 = self._score_m2 + delta * (x - self._score_mean)
-        if self._unit_n >= self.warmup:
-            sd = np.sqrt(self._score_m2 / (self._unit_n - 1))
-            # A constant score stream has no spread; any later change is then a large shift.
-            self._score_sd = np.maximum(sd, 1e-6 * np.abs(self._score_mean) + 1e-12)
-            self._detectors = self._make_detectors()
+
+    def _end_warmup(self) -> None:
+        sd = np.sqrt(self._score_m2 / (self._unit_n - 1))
+        # A constant score stream has no spread; any later change is then a large shift.
+        self._score_sd = np.maximum(sd, 1e-6 * np.abs(self._score_mean) + 1e-12)
+        if self.rep_channel:
+            reps = [s.rep for s in list(self._seen)[-self._unit_n :]]
+            self._rep_model, own = _RepModel.fit(torch.stack(reps).double().numpy())
+            self._score_mean = np.append(self._score_mean, own.mean())
+            self._score_sd = np.append(self._score_sd, max(own.std(ddof=1), 1e-6))
+        self._detectors = self._make_detectors()
 
     def _resolve(self, step: int) -> ShiftEvent | None:
         """Confirm, reject, or keep waiting on the open candidate."""
@@ -261,13 +341,28 @@ class ShiftDetector:
     def _fire(self, step: int, distance: float | None, z: float | None) -> ShiftEvent:
         pending = self._pending
         assert pending is not None
-        # Where and which way: a CUSUM split of the recent standardised scores, flagged included;
-        # the detectors fire after the change, so a baseline just before the flag would be wrong.
-        split, shift = _change_point(np.asarray(self._recent))
+        # Where: a CUSUM split of the unit's recent samples, flagged included (the detectors fire
+        # after the change, so a baseline just before the flag would be wrong). Which way: the
+        # primary score's mean after the split minus before it.
+        seen = list(self._seen)
+        first = self.n_seen - len(seen)  # global index of seen[0]
+        primary = np.clip(
+            (np.stack([s.scores[0] for s in seen]) - self._score_mean[0]) / self._score_sd[0],
+            -self.clip,
+            self.clip,
+        )
+        if all(s.rep is not None for s in seen):
+            # The inputs changed where the representations did: a sharper split than the
+            # scores', which also move while the model learns the new region.
+            reps = torch.stack([s.rep for s in seen]).double().numpy()
+            split = _change_point(_standardised_reps(reps, pending.index - first))
+        else:
+            split = _change_point(primary)
+        shift = float(primary[split:].mean() - primary[:split].mean())
         event = ShiftEvent(
             step=step,
             sample_index=pending.index,
-            change_index=self.n_seen - len(self._recent) + split,
+            change_index=first + split,
             confirmed_index=self.n_seen - 1,
             detector="+".join(sorted(pending.detectors)),
             direction="up" if shift >= 0 else "down",
@@ -277,8 +372,10 @@ class ShiftDetector:
         )
         self.n_events += 1
         self._pending = None
-        self._cool_until = self.n_seen + self.cooldown
-        self._new_unit(seed_reps=torch.cat(pending.reps) if pending.reps else None)
+        self._cool_until = max(event.change_index + self.cooldown, self.n_seen)
+        self._new_unit(seed=seen[split:])
+        if self._ref.count == 0 and pending.reps:  # the loop computed no reps after the split
+            self._ref.add(torch.cat(pending.reps))
         return event
 
     def _reject(self) -> None:
@@ -330,7 +427,10 @@ class ShiftDetector:
             "score_mean": self._score_mean.tolist(),
             "score_m2": self._score_m2.tolist(),
             "score_sd": None if self._score_sd is None else self._score_sd.tolist(),
-            "recent": list(self._recent),
+            "rep_model": None
+            if self._rep_model is None
+            else [self._rep_model.center.tolist(), self._rep_model.scale.tolist()],
+            "seen": [(s.scores.tolist(), s.rep) for s in self._seen],
             "detectors": pickle.dumps(self._detectors),
             "ref": {"count": self._ref.count, "mean": self._ref.mean, "m2": self._ref.m2},
             "pending": None
@@ -348,13 +448,23 @@ class ShiftDetector:
                 f"ShiftDetector.load_state_dict got state of kind {state.get('kind')!r}; "
                 "load the state saved by a ShiftDetector"
             )
+        if "seen" not in state:
+            raise ValueError(
+                "ShiftDetector state was saved by an older herllm (no sample history); "
+                "resume it with that version or start a new run"
+            )
         self.n_seen, self.n_events, self.n_rejected, self._cool_until = state["counters"]
         self._unit_n = state["unit_n"]
         self._score_mean = np.array(state["score_mean"], dtype=np.float64)
         self._score_m2 = np.array(state["score_m2"], dtype=np.float64)
         sd = state["score_sd"]
         self._score_sd = None if sd is None else np.array(sd, dtype=np.float64)
-        self._recent = deque(state["recent"], maxlen=self.history)
+        rm = state["rep_model"]
+        self._rep_model = None if rm is None else _RepModel(*(np.array(v) for v in rm))
+        self._seen = deque(
+            (_Seen(np.array(x, dtype=np.float64), rep) for x, rep in state["seen"]),
+            maxlen=self.history,
+        )
         self._detectors = pickle.loads(state["detectors"])  # noqa: S301 - our own checkpoint
         ref = state["ref"]
         self._ref = _RepStats()

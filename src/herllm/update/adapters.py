@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from herllm.refine.scoring import base_pooled_states
+
 BASE = "__base__"
 """PEFT's name for "no adapter" in a mixed-adapter batch."""
 
@@ -42,24 +44,9 @@ def _peft(model):
     return getattr(model, "module", model)
 
 
-@torch.no_grad()
 def base_reps(model, batches: list[dict]) -> Tensor:
     """(N, H) mean-pooled last hidden states of the base model (adapters off), on the CPU."""
-    peft = _peft(model)
-    was_training = peft.training
-    peft.eval()
-    out = []
-    with peft.disable_adapter():
-        for b in batches:
-            h = peft(
-                input_ids=b["input_ids"],
-                attention_mask=b["attention_mask"],
-                output_hidden_states=True,
-            ).hidden_states[-1]  # (B, T, H)
-            m = b["attention_mask"].unsqueeze(-1).to(h.dtype)  # (B, T, 1)
-            out.append(((h * m).sum(1) / m.sum(1).clamp_min(1)).float().cpu())
-    if was_training:
-        peft.train()
+    out = [base_pooled_states(model, b) for b in batches]
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
