@@ -1,26 +1,37 @@
-"""Task-free shift detection: drift in the per-sample score stream, confirmed on representations.
+"""Task-free shift detection: drift in the per-sample scores or representations, confirmed on
+representations.
 
-Nobody says where one region of the stream ends. Two signals together say it:
+Nobody says where one region of the stream ends. These signals together say it:
 
 1. **Scores.** Each sample's score (mean NLL; optionally more channels such as entropy) is
    standardised with the current knowledge unit's warm-up mean and spread, clipped (heavy tails
    should not trip the detectors), and fed to river's ``ADWIN`` (two-sided, adaptive window) and
    a two-sided ``PageHinkley`` (a CUSUM). Either firing opens a *candidate*. Both directions
    count: a region that is easier (loss drops) is a shift as much as a harder one.
-2. **Representations.** The score stream also moves while the model simply learns (loss falls
-   within one region), and a few hard documents make a blip. A candidate becomes a shift only if
-   the mean-pooled hidden states of the flagged samples moved away from the unit's reference:
-   ``rep_z = ||mean(flagged) - mean(ref)|| / sqrt(tr(Sigma_ref) * (1/n + 1/m))``, the distance
-   between means in standard errors (about 1 under no change, whatever the hidden size).
+2. **Representation distance** (``rep_channel=True``). A new region can be as hard as the last
+   one. A diagonal Gaussian of the unit's warm-up representations gives each later sample a
+   channel value, the log of its mean squared standardised distance (warm-up values taken
+   leave-one-out, so the unit's own samples do not look far); the channel is standardised like a
+   score and feeds its own ADWIN and an upward PageHinkley.
+3. **Confirmation on representations.** The score stream also moves while the model simply learns
+   (loss falls within one region), and a few hard documents make a blip. A candidate becomes a
+   shift only if the mean-pooled hidden states of the flagged samples moved away from the unit's
+   reference: ``rep_z = ||mean(flagged) - mean(ref)|| / sqrt(tr(Sigma_ref) * (1/n + 1/m))``, the
+   distance between means in standard errors (about 1 under no change, whatever the hidden size).
 
-After a confirmed shift a new unit starts at the estimated change point (a CUSUM split of the
-unit's recent scores): the samples read since then, kept in a short history, re-estimate the score
+The loop passes the frozen base model's representations by default (``shift.reps=base``), so
+what the adapters learn cannot read as a shift.
+
+After a confirmed shift a new unit starts at the estimated change point: a CUSUM split of the
+unit's recent samples, on their representations when every one has them (the inputs change
+where they do; scores keep moving while the model learns the new region), else on the primary
+score. The samples read since the change point, kept in a short history, re-estimate the score
 scale and seed the representation reference, so the new unit is ready to detect the next shift as
 soon as it is confirmed instead of warming up again. No event is raised within ``cooldown``
 samples of the change point, so one shift gives one event. Thresholds are in units of the unit's
 own spread, so they carry across models and scores.
 
-Defaults, measured on synthetic streams (N(0, 1) score noise, batches of 8, 5 seeds each;
+Defaults of the score channels, measured on synthetic streams (N(0, 1) score noise, batches of 8, 5 seeds each;
 2-core CPU, 2026-11-21): no false alarm in 20k stationary samples, even from the score detectors
 alone; a score shift of +-0.5 sd is confirmed 111-199 samples after the change, +-1 sd 87-111,
 +-2 sd 71-87, +-4 sd 71 (64 of these are ``min_confirm``). ``rep_z_threshold=4`` with 64
