@@ -120,6 +120,10 @@ def test_resume_after_growth_is_exact(regions, tiny_model_dir, tmp_path):
         "default",
         "a001",
     ]  # stopped after growing
+    events = (stop / "events.jsonl").read_text()
+    # What a run killed after its last checkpoint leaves behind: the resumed run logs it again.
+    with open(stop / "events.jsonl", "a") as fh:
+        fh.write('{"event": "shift", "step": 76}\n')
     with Learner(make_cfg(regions, tiny_model_dir, stop), resume=True, show_progress=False) as b:
         second = b.run()
         got = adapter_state(b.s.model)
@@ -129,6 +133,9 @@ def test_resume_after_growth_is_exact(regions, tiny_model_dir, tmp_path):
     for name, w in expected.items():
         assert torch.allclose(got[name], w, atol=1e-6, rtol=0), name
     assert adapter_actions(stop) == adapter_actions(tmp_path / "ref")
+    resumed = (stop / "events.jsonl").read_text()
+    assert resumed.startswith(events) and '"step": 76}' not in resumed
+    assert resumed == (tmp_path / "ref" / "events.jsonl").read_text()
 
 
 def test_cap_merges_the_closest_adapters_and_records_it(regions, tiny_model_dir, tmp_path):

@@ -360,6 +360,7 @@ def trainer_state(s: RunState) -> dict:
         "bank": s.bank.state_dict() if s.bank is not None else None,
         "orth": s.orth.state_dict() if s.orth is not None else None,
         "metrics_lines": count_lines(s.run_dir / "metrics.jsonl"),
+        "events_lines": count_lines(s.run_dir / "events.jsonl"),
     }
 
 
@@ -397,8 +398,10 @@ def load_checkpoint(s: RunState) -> None:
     if s.general is not None and state["general"] is not None:
         s.general.load_state_dict(state["general"])
     s.stability.load_state_dict(state["stability"])
-    if s.accelerator.is_main_process:  # evaluations logged after the checkpoint happen again
+    if s.accelerator.is_main_process:  # what was logged after the checkpoint happens again
         truncate_lines(s.run_dir / "metrics.jsonl", state["metrics_lines"])
+        if "events_lines" in state:  # checkpoints before 2026-11-22 did not count them
+            truncate_lines(s.run_dir / "events.jsonl", state["events_lines"])
     s.packer = Packer(s.tokenizer, s.cfg.stream.seq_len, position)
     s.last_checkpoint = s.step
 
