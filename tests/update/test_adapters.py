@@ -69,12 +69,18 @@ def ad_strength():
     return DynamicStrength(target_ratio=0.5)
 
 
-def test_activate_sum_keeps_old_adapters_frozen_and_route_uses_one():
+def summed_pair():
+    """A tiny model with `default` frozen and `a001` training, both active (compose=sum)."""
     model = tiny_lora_llama()
     ad.add_adapter(model, "a001", model.peft_config["default"])
     bank = ad.AdapterBank("a001", compose="sum")
     bank.register("default")
     ad.activate(model, bank)
+    return model, bank
+
+
+def test_activate_sum_keeps_old_adapters_frozen_and_route_uses_one():
+    model, bank = summed_pair()
     assert set(model.base_model.active_adapters) == {"default", "a001"}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".a001." in n for n in trainable)
@@ -84,11 +90,7 @@ def test_activate_sum_keeps_old_adapters_frozen_and_route_uses_one():
 
 
 def test_base_representations_leave_adapters_as_they_were():
-    model = tiny_lora_llama()
-    ad.add_adapter(model, "a001", model.peft_config["default"])
-    bank = ad.AdapterBank("a001", compose="sum")
-    bank.register("default")
-    ad.activate(model, bank)
+    model, _ = summed_pair()
     with torch.no_grad():  # a001 changes the outputs (LoRA B starts at zero)
         for layer in ad.lora_layers(model):
             layer.lora_B["a001"].weight.normal_(0, 0.5)

@@ -72,10 +72,11 @@ def base_pooled_states(model, batch: dict) -> torch.Tensor:
     # (PEFT); frozen adapters must stay frozen.
     trainable = [p.requires_grad for p in peft.parameters()]
     with peft.disable_adapter():
-        get = getattr(peft.get_base_model(), "get_decoder", None)
+        base = peft.get_base_model()
+        get = getattr(base, "get_decoder", None)
         decoder = get() if callable(get) else None
         hidden = None
-        if decoder is not None and decoder is not peft.get_base_model():
+        if decoder is not None and decoder is not base:
             hidden = getattr(decoder(input_ids=ids, attention_mask=mask), "last_hidden_state", None)
         if hidden is None:
             hidden = peft(

@@ -101,22 +101,31 @@ class _RepModel:
 
     center: np.ndarray  # (H,)
     scale: np.ndarray  # (H,)
+    floor: float  # added to every dimension's spread: few samples, many dimensions
+
+    @classmethod
+    def of(cls, reps: np.ndarray) -> _RepModel:
+        """Mean and floored per-dimension spread of ``reps`` (n, H)."""
+        spread = reps.std(0)
+        floor = 0.1 * float(spread.mean()) + 1e-12
+        return cls(reps.mean(0), spread + floor, floor)
 
     @classmethod
     def fit(cls, reps: np.ndarray) -> tuple[_RepModel, np.ndarray]:
         """The model of ``reps`` (n, H) and each one's leave-one-out channel value: in-sample
         distances are smaller than a new sample's, and would make the unit's own look far."""
-        n = len(reps)
-        spread = reps.std(0)
-        floor = 0.1 * float(spread.mean()) + 1e-12
+        model, n = cls.of(reps), len(reps)
         s1, s2 = reps.sum(0), (reps**2).sum(0)
         loo_mean = (s1 - reps) / (n - 1)  # (n, H) mean without sample i
         loo_var = np.maximum((s2 - reps**2) / (n - 1) - loo_mean**2, 0.0) * (n - 1) / max(n - 2, 1)
-        own = np.log((((reps - loo_mean) / (np.sqrt(loo_var) + floor)) ** 2).mean(1) + 1e-12)
-        return cls(reps.mean(0), spread + floor), own
+        loo_z = (reps - loo_mean) / (np.sqrt(loo_var) + model.floor)
+        return model, np.log((loo_z**2).mean(1) + 1e-12)
+
+    def standardise(self, reps: np.ndarray) -> np.ndarray:
+        return (reps - self.center) / self.scale
 
     def log_distance(self, reps: np.ndarray) -> np.ndarray:
-        return np.log((((reps - self.center) / self.scale) ** 2).mean(1) + 1e-12)
+        return np.log((self.standardise(reps) ** 2).mean(1) + 1e-12)
 
 
 @dataclass
@@ -151,11 +160,10 @@ def _change_point(z: np.ndarray) -> int:
 def _standardised_reps(reps: np.ndarray, reference: int) -> np.ndarray:
     """(n, H) reps in units of the per-dimension spread of the first ``reference`` ones, each
     sample's norm capped at twice the typical one (one odd document must not look like a change)."""
-    ref = reps[: max(reference, 2)]
-    spread = ref.std(0)
-    z = (reps - ref.mean(0)) / (spread + 0.1 * spread.mean() + 1e-12)
+    reference = max(reference, 2)
+    z = _RepModel.of(reps[:reference]).standardise(reps)
     norm = np.linalg.norm(z, axis=1, keepdims=True)  # (n, 1)
-    cap = 2.0 * float(np.median(norm[: max(reference, 2)]))
+    cap = 2.0 * float(np.median(norm[:reference]))
     return z * np.minimum(1.0, cap / np.maximum(norm, 1e-12))
 
 
@@ -440,7 +448,11 @@ class ShiftDetector:
             "score_sd": None if self._score_sd is None else self._score_sd.tolist(),
             "rep_model": None
             if self._rep_model is None
-            else [self._rep_model.center.tolist(), self._rep_model.scale.tolist()],
+            else [
+                self._rep_model.center.tolist(),
+                self._rep_model.scale.tolist(),
+                self._rep_model.floor,
+            ],
             "seen": [(s.scores.tolist(), s.rep) for s in self._seen],
             "detectors": pickle.dumps(self._detectors),
             "ref": {"count": self._ref.count, "mean": self._ref.mean, "m2": self._ref.m2},
@@ -471,7 +483,7 @@ class ShiftDetector:
         sd = state["score_sd"]
         self._score_sd = None if sd is None else np.array(sd, dtype=np.float64)
         rm = state["rep_model"]
-        self._rep_model = None if rm is None else _RepModel(*(np.array(v) for v in rm))
+        self._rep_model = None if rm is None else _RepModel(np.array(rm[0]), np.array(rm[1]), rm[2])
         self._seen = deque(
             (_Seen(np.array(x, dtype=np.float64), rep) for x, rep in state["seen"]),
             maxlen=self.history,
