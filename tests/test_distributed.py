@@ -31,8 +31,11 @@ from herllm.strategies import strategy_overrides
 SEQ = 32
 # Tolerance of "two processes match one": float reduction order (a batch of 4 per rank vs 8,
 # then DDP's mean of two means vs one mean) gives ~1e-7 relative differences per step, which
-# Adam and 80 steps grow to the measured max |diff| of the adapter weights (see docs/scaling.md).
-MATCH_ATOL = 1e-4
+# Adam grows to the measured max |diff| of the adapter weights: 1.9e-6 on the first adapter
+# (56 steps), 1.2e-4 on the one grown at the shift (24 steps from a fresh Adam, whose first
+# steps move near-zero-gradient elements by about the learning rate whatever their sign);
+# see docs/scaling.md. A wrong average or an unsynchronised adapter is off by 1e-2 or more.
+MATCH_ATOL = 5e-4
 
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -77,8 +80,7 @@ def options(root: Path, batch: int) -> list[str]:
             "replay.ratio=0.25", "replay.general_ratio=0.25", f"replay.general_sources=[{root / 'src' / '1-words.txt'}]",
             "replay.general_windows=64", f"stream.seq_len={SEQ}", "shift.warmup=50",
             "protect.reptile_every=20", "checkpoint.every_steps=10", "eval.every_steps=25",
-            f"eval.files=[{root / 'heldout.txt'}]", "train.lr=0.01",
-            "expand.grow=false"]  # fmt: skip  # adapter growth is single-process only (refused)
+            f"eval.files=[{root / 'heldout.txt'}]", "train.lr=0.01"]  # fmt: skip
 
 
 def torchrun(*args: str) -> list[str]:
@@ -103,7 +105,11 @@ def final(run: Path) -> dict:
         rows = sorted(db.execute("SELECT doc_id, offset, times_replayed, last_score FROM rows"))
     return {
         "step": step,
-        "weights": load_file(str(ckpt / "adapters" / "default" / "adapter_model.safetensors")),
+        "weights": {  # every adapter's tensors, keyed by adapter folder and tensor name
+            f"{f.parent.name}/{k}": v
+            for f in sorted((ckpt / "adapters").glob("*/adapter_model.safetensors"))
+            for k, v in load_file(str(f)).items()
+        },
         "trainer": trainer,
         "rows": rows,
         "cursor": json.loads((ckpt / "cursor.json").read_text()),
@@ -185,7 +191,11 @@ def test_two_processes_match_one_and_resume_exactly(stream, tiny_model_dir, tmp_
     ref = final(two)
     t = ref["trainer"]
     assert t["counters"]["shifts"] == 1 and t["counters"]["consolidations"] == 1
-    assert t["counters"]["reptile_steps"] == ref["step"] // 20 > 0
+    assert t["counters"]["reptile_steps"] > 0
+    # The shift grew an adapter on both ranks at the same step (a new DDP wrapper), and it trained.
+    assert t["bank"]["current"] == "a001" and set(t["bank"]["adapters"]) == {"default", "a001"}
+    assert any(k.startswith("a001/") and "lora_B" in k and float(v.abs().max()) > 0
+               for k, v in ref["weights"].items())  # fmt: skip
     # Identical trainable weights and protection state on both ranks, at every checkpoint.
     digests = [r["digest"] for r in t["ranks"]]
     assert len(digests) == 2 and digests[0] == digests[1]
@@ -235,6 +245,22 @@ def test_two_processes_match_one_and_resume_exactly(stream, tiny_model_dir, tmp_
     assert [r[:3] for r in got["rows"]] == [r[:3] for r in ref["rows"]]
     assert max_diff(got["weights"], ref["weights"]) < 1e-6
 
+    # Stopped after the shift grew an adapter (step 56), resumed under two processes: the bank,
+    # both adapters and a DDP wrapper over the new one come back; the run ends as the
+    # uninterrupted one did.
+    paused = tmp_path / "paused"
+    argv = adapt_argv(stream, tiny_model_dir, paused) + ["--max-steps", "60"]
+    subprocess.run(argv, env=env(), check=True, timeout=300)
+    assert final(paused)["trainer"]["bank"]["current"] == "a001"
+    subprocess.run(torchrun("--resume", str(paused), "--max-steps", "0"), env=env(), check=True,
+                   timeout=300)  # fmt: skip
+    got = final(paused)
+    assert got["step"] == ref["step"] and got["cursor"] == ref["cursor"]
+    assert {k: got["trainer"]["counters"][k] for k in COUNTERS} == {
+        k: t["counters"][k] for k in COUNTERS
+    }
+    assert max_diff(got["weights"], ref["weights"]) < 1e-6
+
     # A single-process checkpoint resumed under two processes (batch 8 -> 2 x 4): the rest of
     # the stream is sharded from its position, and the result is the one-process run's.
     grown = tmp_path / "grown"
@@ -259,21 +285,3 @@ def test_two_processes_match_one_and_resume_exactly(stream, tiny_model_dir, tmp_
     # A two-process checkpoint cannot resume under one process: one clear line.
     with pytest.raises(UserError, match="written by 2 processes.*nproc_per_node 2"):
         Learner(build_config(str(killed / "config.yaml"), [f"run_dir={killed}"]), resume=True)
-
-
-def test_adapter_growth_on_several_processes_is_refused(tiny_model_dir, tmp_path, monkeypatch):
-    import herllm.setup
-
-    class TwoRanks:  # what Ranks reports under `torchrun --nproc_per_node 2`
-        def __init__(self, accelerator):
-            self.world = 2
-
-    monkeypatch.setattr(herllm.setup, "Ranks", TwoRanks)
-    (tmp_path / "a.txt").write_text("river lamp ledger " * 50)
-    cfg = build_config(None, [*strategy_overrides("olora"), "strategy=olora",
-                              f"model.name_or_path={tiny_model_dir}", f"run_dir={tmp_path / 'run'}",
-                              f"stream.sources=[{tmp_path / 'a.txt'}]"])  # fmt: skip
-    with pytest.raises(
-        UserError, match=r"expand.grow=true \(strategy olora\) is not supported on 2 processes"
-    ):
-        Learner(cfg, show_progress=False)

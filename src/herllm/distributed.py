@@ -8,8 +8,9 @@ What each rank does, and what the ranks share (see docs/scaling.md):
   own documents are tokenized, scored and trained on: no document is learned twice.
 - **Scores.** After each scoring pass the scored windows of all ranks are gathered, in stream
   order. Every rank then runs the same shift detector, selector, ledger and counters on the same
-  data, so decisions that change the model or the loss (closing a unit, consolidating, Reptile)
-  happen on every rank at the same step; a shift decision is also compared across ranks, and a
+  data, so decisions that change the model or the loss (closing a unit, consolidating, growing
+  or reusing an adapter, Reptile) happen on every rank at the same step (a change of what trains
+  re-wraps the model in DDP: `Ranks.rewrap`); a shift decision is also compared across ranks, and a
   mismatch stops the run. Each rank keeps its own selected windows to train on.
 - **Replay.** Rank 0 alone owns the SQLite buffer: it adds the gathered windows, draws
   ``k * N`` rows per step and sends each rank its ``k`` (one writer, no lock contention, nothing
@@ -308,6 +309,49 @@ class Ranks:
             f"under {self.world}: its stream position is {saved} interleaved shards; resume with "
             f"`torchrun --nproc_per_node {saved} -m herllm.cli adapt --resume RUN`"
         )
+
+    # -- what trains changed ----------------------------------------------------------------
+    def rewrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` as the training forward must see it after its trainable parameters changed
+        (an adapter grown, reused or merged): the identity on one process, a new DDP wrapper on
+        N. The caller has already dropped its reference to the previous wrapper.
+
+        DDP fixes the set of parameters it reduces (its buckets and autograd hooks) when it
+        wraps the model, so a change of what trains needs a new wrapper on every rank at the
+        same step, and the old one must be gone: its hooks would still fire on a parameter that
+        trains again. The trainable parameters are first broadcast from rank 0 (a fresh adapter's
+        random initialisation draws from each rank's own RNG); the frozen base is identical on
+        every rank already, so the wrapper skips DDP's broadcast of the whole model.
+        """
+        if self.world == 1:
+            return model
+        import gc
+        import weakref
+
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        acc = self.accelerator
+        stale = [weakref.ref(m) for m in acc._models if isinstance(m, DDP)]
+        acc._models = [m for m in acc._models if not isinstance(m, DDP)]
+        gc.collect()
+        if any(ref() is not None for ref in stale):
+            raise RuntimeError(
+                "the previous DDP wrapper is still referenced after an adapter change; this is a "
+                "bug in herllm, please report it"
+            )
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    torch.distributed.broadcast(p.data, src=0)
+        kwargs = acc.ddp_handler.to_kwargs() if acc.ddp_handler is not None else {}
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = DDP(model, device_ids=ids, output_device=ids[0] if ids else None, init_sync=False,
+                  **kwargs)  # fmt: skip
+        if acc.ddp_handler is not None:
+            acc.ddp_handler.register_comm_hook(ddp)
+        ddp._is_accelerate_prepared = True
+        acc._models.append(ddp)
+        return ddp
 
     def close(self, s) -> None:
         """Release the DDP wrapper, wait for every rank, then leave the process group."""

@@ -133,12 +133,17 @@ class RunState:
 
     # -- adapters ---------------------------------------------------------------------------
     def rebuild_optimizer(self) -> None:
-        """A fresh optimizer (and warm-up) over what trains now: after the trainable adapter
-        changed (grown, reused or merged). Adam moments of the previous adapter are dropped."""
-        model = self.accelerator.unwrap_model(self.model)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        """A fresh optimizer (and warm-up) over what trains now, and on N processes a fresh DDP
+        wrapper: after the trainable adapter changed (grown, reused or merged). Adam moments of
+        the previous adapter are dropped."""
+        acc = self.accelerator
+        acc._optimizers = [o for o in acc._optimizers if o is not self.optimizer]
+        acc._schedulers = [x for x in acc._schedulers if x is not self.scheduler]
+        self.train_model = None  # the old DDP wrapper must be released before the new one
+        self.train_model = self.ranks.rewrap(self.model)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(self.cfg, self.trainable)
-        self.optimizer, self.scheduler = self.accelerator.prepare(self.optimizer, self.scheduler)
+        self.optimizer, self.scheduler = acc.prepare(self.optimizer, self.scheduler)
         self._good = None
 
     def unit_key(self, unit_id: str, reservoir) -> ad.RoutingKey | None:
@@ -218,12 +223,6 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
         cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False
     )
     ranks = Ranks(accelerator)  # refuses a launcher/Accelerate world-size mismatch
-    if cfg.expand.grow and ranks.world > 1:
-        raise UserError(
-            f"expand.grow=true (strategy {cfg.strategy}) is not supported on {ranks.world} processes "
-            "yet: a grown adapter changes the parameter set, which DDP fixes when it wraps the "
-            "model; run it in one process, or set expand.grow=false (see docs/scaling.md)"
-        )
     base, tokenizer = load_base(cfg.model)
     model = attach_lora(base, cfg.lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
