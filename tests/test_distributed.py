@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from herllm.checkpoint import list_checkpoints
 from herllm.config import build_config
-from herllm.distributed import check_engine, check_world_size
+from herllm.distributed import check_engine, check_world_size, fsdp_reshard
 from herllm.errors import UserError
 from herllm.learner import Learner
 from herllm.strategies import strategy_overrides
@@ -145,14 +145,34 @@ def test_world_size_mismatch_is_a_user_error():
         check_world_size(1, {"WORLD_SIZE": "2"})
 
 
-def test_fsdp_and_deepspeed_are_refused_in_one_line():
+def test_deepspeed_is_refused_in_one_line():
     from accelerate.utils import DistributedType
 
-    check_engine(DistributedType.MULTI_CPU)
-    check_engine(DistributedType.MULTI_GPU)
-    for kind, name in ((DistributedType.FSDP, "FSDP"), (DistributedType.DEEPSPEED, "DeepSpeed")):
-        with pytest.raises(UserError, match=f"configured for {name}.*use plain DDP") as err:
-            check_engine(kind)
+    for kind in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
+        check_engine(kind)
+    with pytest.raises(UserError, match="configured for DeepSpeed.*use DDP or FSDP") as err:
+        check_engine(DistributedType.DEEPSPEED)
+    assert "\n" not in str(err.value)
+
+
+def test_accelerate_fsdp_options_are_read_or_refused():
+    from accelerate.utils import FullyShardedDataParallelPlugin as Plugin
+
+    assert fsdp_reshard(None, default=False) is False  # torchrun + train.fsdp: herllm's option
+    assert fsdp_reshard(Plugin(fsdp_version=2), default=False) is True  # FSDP2's default
+    assert fsdp_reshard(Plugin(fsdp_version=2, reshard_after_forward=False), True) is False
+    shard_grad_op = Plugin(fsdp_version=1, sharding_strategy="SHARD_GRAD_OP")  # FSDP1's spelling
+    no_shard = Plugin(fsdp_version=1, sharding_strategy="NO_SHARD")
+    assert fsdp_reshard(shard_grad_op, default=True) is False
+    refused = {
+        "NO_SHARD.*plain DDP": no_shard,
+        "CPU offload": Plugin(fsdp_version=2, cpu_offload=True),
+        "mixed precision.*fp32": Plugin(fsdp_version=2, mixed_precision_policy="bf16"),
+        "activation checkpointing": Plugin(fsdp_version=2, activation_checkpointing=True),
+    }
+    for match, plugin in refused.items():
+        with pytest.raises(UserError, match=match) as err:
+            fsdp_reshard(plugin, default=True)
         assert "\n" not in str(err.value)
 
 
@@ -255,6 +275,27 @@ def test_two_processes_match_one_and_resume_exactly(stream, tiny_model_dir, tmp_
     subprocess.run(torchrun("--resume", str(paused), "--max-steps", "0"), env=env(), check=True,
                    timeout=300)  # fmt: skip
     got = final(paused)
+    assert got["step"] == ref["step"] and got["cursor"] == ref["cursor"]
+    assert {k: got["trainer"]["counters"][k] for k in COUNTERS} == {
+        k: t["counters"][k] for k in COUNTERS
+    }
+    assert max_diff(got["weights"], ref["weights"]) < 1e-6
+
+    # The same run with the frozen base sharded by FSDP2 (the adapters whole on each rank, their
+    # gradients averaged like DDP's), stopped after the growth and resumed: each rank holds half
+    # of the base, and the result is the DDP run's (the same sums in the same order: bit-equal
+    # here, checked within 1e-6).
+    sharded = tmp_path / "fsdp"
+    argv = adapt_argv(stream, tiny_model_dir, sharded) + ["--set", "train.fsdp=true"]
+    subprocess.run(argv + ["--max-steps", "60"], env=env(), check=True, timeout=300)
+    subprocess.run(torchrun("--resume", str(sharded), "--max-steps", "0"), env=env(), check=True,
+                   timeout=300)  # fmt: skip
+    got = final(sharded)
+    shares = [r["sharded"] for r in got["trainer"]["ranks"]]
+    assert shares[0]["base_params"] == shares[1]["base_params"] > 0
+    assert sum(r["local_params"] for r in shares) == shares[0]["base_params"]
+    assert max(r["local_params"] for r in shares) <= 0.55 * shares[0]["base_params"]
+    assert all(r["sharded"] is None for r in t["ranks"])  # the DDP run held the whole base
     assert got["step"] == ref["step"] and got["cursor"] == ref["cursor"]
     assert {k: got["trainer"]["counters"][k] for k in COUNTERS} == {
         k: t["counters"][k] for k in COUNTERS

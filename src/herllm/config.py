@@ -184,6 +184,13 @@ class TrainConfig:
     """Seed for every random choice (replay sampling, dropout, initialisation)."""
     max_nonfinite: int = 5
     """Consecutive non-finite losses tolerated (each skipped and rolled back) before stopping."""
+    fsdp: bool = False
+    """On N processes, shard the frozen base model's weights across them with FSDP2 (each
+    decoder layer and the whole model; the LoRA adapters stay whole on every rank, their
+    gradients averaged). Implied by `accelerate launch --use_fsdp`. No effect on one process."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP2: free the gathered weights after each forward (least memory; gathered again for
+    the backward); false keeps them until the backward (ZeRO-2-like)."""
 
 
 @dataclass

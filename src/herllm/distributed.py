@@ -1,5 +1,5 @@
-"""The same loop on N processes (HF Accelerate: DDP over gloo or NCCL), and the checks that keep
-the ranks together.
+"""The same loop on N processes (HF Accelerate: DDP over gloo or NCCL, or the frozen base sharded
+with FSDP2), and the checks that keep the ranks together.
 
 What each rank does, and what the ranks share (see docs/scaling.md):
 
@@ -15,7 +15,10 @@ What each rank does, and what the ranks share (see docs/scaling.md):
 - **Replay.** Rank 0 alone owns the SQLite buffer: it adds the gathered windows, draws
   ``k * N`` rows per step and sends each rank its ``k`` (one writer, no lock contention, nothing
   seen on another rank is lost). Refreshed replay scores are gathered back to rank 0.
-- **Update.** The LM loss is per rank; DDP averages the gradients. The magnitudes that set the
+- **Update.** The LM loss is per rank; DDP averages the gradients. With `train.fsdp` (or
+  `accelerate launch --use_fsdp`) the base weights are sharded instead (`Ranks.shard_model`), the
+  adapters stay whole on every rank and their gradients are averaged by `Ranks.sync_grads`;
+  every forward pass is then a collective, so ranks run them in step (`forward_together`). The magnitudes that set the
   penalty weights and the stability signals are averaged over ranks, so protection state stays
   identical everywhere.
 - **Writes.** Rank 0 writes checkpoints, the ledger, metrics, events and the report. Each
@@ -75,23 +78,62 @@ def check_world_size(num_processes: int, env: dict | None = None) -> None:
 
 
 def check_engine(distributed_type) -> None:
-    """Refuse the engines that shard parameters or own the optimizer step (see docs/scaling.md)."""
+    """Refuse DeepSpeed, which owns the optimizer step (see docs/scaling.md)."""
     from accelerate.utils import DistributedType
 
-    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        name = "FSDP" if distributed_type == DistributedType.FSDP else "DeepSpeed"
+    if distributed_type == DistributedType.DEEPSPEED:
         raise UserError(
-            f"Accelerate is configured for {name}, which herllm does not support yet: it scores, "
-            f"protects, interpolates and saves the adapter through the model's own parameters, "
-            f"which {name} shards or updates inside its engine; use plain DDP instead "
-            "(`accelerate launch --multi_gpu ...` or `torchrun`), see docs/scaling.md"
+            "Accelerate is configured for DeepSpeed, which herllm does not support yet: it "
+            "protects, interpolates and restores the adapter through the model's own parameters, "
+            "which DeepSpeed updates inside its engine; use DDP or FSDP instead "
+            "(`accelerate launch --multi_gpu ...`, `--use_fsdp`, or `torchrun`), see docs/scaling.md"
         )
+
+
+def fsdp_reshard(plugin, default: bool) -> bool:
+    """`reshard_after_forward` for herllm's FSDP2 sharding, read from Accelerate's FSDP plugin
+    (`accelerate launch --use_fsdp ...`); the options herllm cannot honour are refused."""
+    if plugin is None:
+        return default
+    where = "in the Accelerate FSDP config"
+    offload = plugin.cpu_offload  # FSDP1: CPUOffload(offload_params=...); FSDP2: a policy
+    if (
+        offload is True
+        or getattr(offload, "offload_params", False)
+        or (type(offload).__name__ == "CPUOffloadPolicy")
+    ):
+        raise UserError(f"FSDP CPU offload ({where}) is not supported by herllm; turn it off")
+    if plugin.mixed_precision_policy is not None:
+        raise UserError(
+            f"FSDP mixed precision ({where}) is not supported by herllm, which trains in fp32; "
+            "launch with --mixed_precision no"
+        )
+    if plugin.activation_checkpointing or plugin.ignored_modules:
+        raise UserError(
+            f"FSDP activation checkpointing and ignored modules ({where}) are not supported by "
+            "herllm, which chooses what to shard itself (the LoRA adapters stay whole); turn them off"
+        )
+    reshard = plugin.reshard_after_forward
+    if isinstance(reshard, bool):  # FSDP2
+        return reshard
+    strategy = reshard if reshard is not None else getattr(plugin, "sharding_strategy", None)
+    if strategy is None:
+        return default
+    name = getattr(strategy, "name", str(strategy))  # FSDP1's sharding strategy
+    if name in ("FULL_SHARD", "SHARD_GRAD_OP"):
+        return name == "FULL_SHARD"
+    raise UserError(
+        f"FSDP sharding strategy {name} ({where}) is not supported by herllm; use FULL_SHARD "
+        "or SHARD_GRAD_OP, or plain DDP (`accelerate launch --multi_gpu`) for no sharding"
+    )
 
 
 class Ranks:
     """This process's place among the N launched processes, and the collectives the loop uses."""
 
-    def __init__(self, accelerator) -> None:
+    def __init__(self, accelerator, fsdp: bool = False, reshard_after_forward: bool = True) -> None:
+        from accelerate.utils import DistributedType
+
         check_world_size(accelerator.num_processes)
         check_engine(accelerator.distributed_type)
         self.accelerator = accelerator
@@ -100,6 +142,14 @@ class Ranks:
         self.device = accelerator.device
         self.base = 0
         """Global index of the first document sharded among the ranks (see `resume_rank`)."""
+        by_accelerate = accelerator.distributed_type == DistributedType.FSDP
+        self.sharded = self.world > 1 and (fsdp or by_accelerate)
+        """The frozen base weights are sharded with FSDP2 (`shard_model`): every forward pass
+        is then a collective, which all ranks must run together."""
+        self.reshard = fsdp_reshard(
+            getattr(accelerator.state, "fsdp_plugin", None) if by_accelerate else None,
+            reshard_after_forward,
+        )
 
     @property
     def main(self) -> bool:
@@ -243,9 +293,54 @@ class Ranks:
         """Token-weighted mean NLL over batches, each rank evaluating every world-th batch."""
         if self.world == 1:
             return mean_nll(model, batches)[0]
-        mean, n = mean_nll(model, batches[self.rank :: self.world])
+        mine = batches[self.rank :: self.world]
+        mean, n = mean_nll(model, mine)
+        if self.sharded and batches:  # every rank runs as many forward passes (collectives)
+            mean_nll(model, batches[:1] * (-(-len(batches) // self.world) - len(mine)))
         total, count = self.sum(mean * n if n else 0.0, n)
         return total / count if count else math.nan
+
+    # -- sharded base (FSDP2) ---------------------------------------------------------------
+    def forward_together(self, mine: bool) -> bool:
+        """Whether this rank runs a forward pass: when it has inputs, or, with a sharded base,
+        when any rank has (the others then run one on a placeholder and drop it)."""
+        return self.any_true(mine) if self.sharded else mine
+
+    def shard_model(self, model: torch.nn.Module) -> dict:
+        """Shard the frozen base weights of a PEFT model with FSDP2: each decoder layer (the
+        classes the model lists in `_no_split_modules`) and then the whole model. The LoRA
+        parameters, and those of adapters grown later, stay whole on every rank: they are small,
+        and importances, anchors, Reptile and saving read them as plain tensors. Returns the
+        number of base parameters and how many this rank holds."""
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
+
+        lora = {p for n, p in model.named_parameters() if "lora_" in n}
+        kinds = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
+        for module in [m for m in model.modules() if type(m).__name__ in kinds]:
+            fully_shard(module, reshard_after_forward=self.reshard, ignored_params=lora)
+        fully_shard(model, reshard_after_forward=self.reshard, ignored_params=lora)
+        with torch.no_grad():  # FSDP initialises from the first forward, which must be the root's
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device))
+        sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
+        return {"base_params": sum(p.numel() for p in sharded),
+                "local_params": sum(p.to_local().numel() for p in sharded)}  # fmt: skip
+
+    def sync_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Average the adapter gradients over ranks (with a sharded base, FSDP leaves the LoRA
+        parameters alone; under DDP this is done by DDP itself)."""
+        if not self.sharded:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat /= self.world
+        i = 0
+        for g in grads:
+            g.copy_(flat[i : i + g.numel()].view_as(g))
+            i += g.numel()
 
     # -- checkpoints ------------------------------------------------------------------------
     def gather_rank_states(self, s) -> list[dict] | None:
@@ -261,6 +356,7 @@ class Ranks:
             "stream_done": s.stream_done,
             "rng": ckpt.rng_state(),
             "digest": digest(s),
+            "sharded": s.sharded,  # FSDP: base parameters in all, and on this rank
         }
         states = self.gather(mine)
         digests = [r["digest"] for r in states]
@@ -325,6 +421,9 @@ class Ranks:
         """
         if self.world == 1:
             return model
+        if self.sharded:  # no DDP wrapper: the adapters are whole on every rank, grads synced
+            self.broadcast_trainable(model)
+            return model
         import gc
         import weakref
 
@@ -339,10 +438,7 @@ class Ranks:
                 "the previous DDP wrapper is still referenced after an adapter change; this is a "
                 "bug in herllm, please report it"
             )
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    torch.distributed.broadcast(p.data, src=0)
+        self.broadcast_trainable(model)
         kwargs = acc.ddp_handler.to_kwargs() if acc.ddp_handler is not None else {}
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DDP(model, device_ids=ids, output_device=ids[0] if ids else None, init_sync=False,
@@ -352,6 +448,12 @@ class Ranks:
         ddp._is_accelerate_prepared = True
         acc._models.append(ddp)
         return ddp
+
+    @torch.no_grad()
+    def broadcast_trainable(self, model: torch.nn.Module) -> None:
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.distributed.broadcast(p.data, src=0)
 
     def close(self, s) -> None:
         """Release the DDP wrapper, wait for every rank, then leave the process group."""

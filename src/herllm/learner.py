@@ -175,9 +175,13 @@ class Learner:
         s, cfg = self.s, self.cfg
         needed = (cfg.select.policy != "all" or s.detector is not None or s.protection.regs
                   or (cfg.replay.capacity > 0 and cfg.replay.policy == "priority"))  # fmt: skip
-        if needed and windows:
+        if needed and s.ranks.forward_together(bool(windows)):
             base = s.detector is not None and cfg.shift.reps == "base"
-            return score_batch(s.model, s.to_device(to_batch(windows)), base_reps=base)
+            # with an FSDP-sharded base a rank without windows runs a placeholder pass
+            rows = windows or [s.window_to_experience(np.array([s.packer.pad_id]), None)]
+            scores = score_batch(s.model, s.to_device(to_batch(rows)), base_reps=base)
+            if windows:
+                return scores
         nan = torch.full((len(windows),), float("nan"))
         return Scores(nll=nan, entropy=nan, reps=None, tokens=0)
 
@@ -217,9 +221,13 @@ class Learner:
         if not s.ranks.all_true(bool(torch.isfinite(loss))):  # every rank skips, or none
             return self.skip_nonfinite(float(loss.detach()))
         s.accelerator.backward(loss)
+        s.ranks.sync_grads(s.trainable)  # FSDP-sharded base: average the adapters' gradients
         s.protection.after_backward(s.model)
         if self.cfg.train.grad_clip > 0:
-            norm = s.accelerator.clip_grad_norm_(s.trainable, self.cfg.train.grad_clip)
+            clip = (
+                torch.nn.utils.clip_grad_norm_ if s.ranks.sharded else s.accelerator.clip_grad_norm_
+            )
+            norm = clip(s.trainable, self.cfg.train.grad_clip)
             if not torch.isfinite(torch.as_tensor(norm)):
                 s.optimizer.zero_grad(set_to_none=True)
                 return self.skip_nonfinite(float(norm))

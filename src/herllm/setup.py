@@ -66,6 +66,8 @@ class RunState:
     """`model` as Accelerate prepared it (DDP-wrapped on N processes): only the training forward
     goes through it; scoring, protection, evaluation and saving use `model` itself."""
     ranks: Ranks
+    sharded: dict | None = None
+    """With an FSDP-sharded base: its parameter count and this rank's share (`Ranks.shard_model`)."""
     bank: ad.AdapterBank | None = None
     orth: DynamicStrength | None = None
     stability: StabilityTracker = field(default_factory=StabilityTracker)
@@ -143,7 +145,8 @@ class RunState:
         self.train_model = self.ranks.rewrap(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(self.cfg, self.trainable)
-        self.optimizer, self.scheduler = acc.prepare(self.optimizer, self.scheduler)
+        if not self.ranks.sharded:  # FSDP: herllm shards the model itself, Accelerate stays out
+            self.optimizer, self.scheduler = acc.prepare(self.optimizer, self.scheduler)
         self._good = None
 
     def unit_key(self, unit_id: str, reservoir) -> ad.RoutingKey | None:
@@ -222,13 +225,21 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False
     )
-    ranks = Ranks(accelerator)  # refuses a launcher/Accelerate world-size mismatch
+    # refuses a launcher/Accelerate world-size mismatch, and the engines herllm cannot run under
+    ranks = Ranks(accelerator, cfg.train.fsdp, cfg.train.fsdp_reshard_after_forward)
     base, tokenizer = load_base(cfg.model)
     model = attach_lora(base, cfg.lora)
+    sharded = None
+    if ranks.sharded:  # FSDP2 over the frozen base; the adapters stay whole (see shard_model)
+        model = model.to(accelerator.device)
+        sharded = ranks.shard_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(cfg, trainable)
-    train_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    model = accelerator.unwrap_model(train_model)
+    if ranks.sharded:
+        train_model = model
+    else:
+        train_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        model = accelerator.unwrap_model(train_model)
     buffer = None
     if cfg.replay.capacity > 0 and ranks.main:  # rank 0 is the buffer's one writer
         buffer = ReplayBuffer(
@@ -277,6 +288,7 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
         general=general,
         train_model=train_model,
         ranks=ranks,
+        sharded=sharded,
         bank=bank,
         orth=orth,
     )

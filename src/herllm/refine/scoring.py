@@ -6,6 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # a torch build without torch.distributed: nothing is ever sharded
+    FSDPModule = ()
+
 
 @dataclass
 class Scores:
@@ -77,7 +82,17 @@ def base_pooled_states(model, batch: dict) -> torch.Tensor:
         decoder = get() if callable(get) else None
         hidden = None
         if decoder is not None and decoder is not base:
-            hidden = getattr(decoder(input_ids=ids, attention_mask=mask), "last_hidden_state", None)
+            # FSDP2: the model's own weights (embeddings, final norm) are gathered by its
+            # forward, which the decoder alone bypasses: gather them around the call
+            fsdp = isinstance(peft, FSDPModule)
+            if fsdp:
+                peft.unshard()
+            try:
+                out = decoder(input_ids=ids, attention_mask=mask)
+            finally:
+                if fsdp:
+                    peft.reshard()
+            hidden = getattr(out, "last_hidden_state", None)
         if hidden is None:
             hidden = peft(
                 input_ids=ids, attention_mask=mask, output_hidden_states=True
