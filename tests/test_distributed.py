@@ -10,6 +10,7 @@ losses is the one-process mean).
 import json
 import os
 import random
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -88,10 +89,25 @@ def torchrun(*args: str) -> list[str]:
             "-m", "herllm.cli", "adapt", "--quiet", *args]  # fmt: skip
 
 
-def adapt_argv(root: Path, model: Path, run: Path) -> list[str]:
+def accelerate_launch(*engine: str):
+    """`accelerate launch ENGINE --num_processes 2 -m herllm.cli adapt ...` (on this CPU machine
+    `--multi_gpu` only picks Accelerate's multi-process launcher; herllm then runs gloo DDP)."""
+
+    def argv(*args: str) -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port), "-m", "herllm.cli", "adapt", "--quiet", *args]  # fmt: skip
+
+    return argv
+
+
+def adapt_argv(root: Path, model: Path, run: Path, launch=torchrun) -> list[str]:
     sets = [x for o in options(root, 4) for x in ("--set", o)]
-    return torchrun(str(root / "src"), "--model", str(model), "--run-dir", str(run),
-                    "--strategy", "her", *sets)  # fmt: skip
+    return launch(str(root / "src"), "--model", str(model), "--run-dir", str(run),
+                  "--strategy", "her", *sets)  # fmt: skip
 
 
 def env() -> dict:
@@ -150,9 +166,13 @@ def test_deepspeed_is_refused_in_one_line():
 
     for kind in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
         check_engine(kind)
-    with pytest.raises(UserError, match="configured for DeepSpeed.*use DDP or FSDP") as err:
-        check_engine(DistributedType.DEEPSPEED)
-    assert "\n" not in str(err.value)
+    for kind, env_ in ((DistributedType.DEEPSPEED, {}),
+                       (DistributedType.MULTI_CPU, {"ACCELERATE_USE_DEEPSPEED": "true"})):  # fmt: skip
+        # the second: `accelerate launch --use_deepspeed` on a CPU machine, where Accelerate
+        # itself reports multi-CPU and would train with DDP without a word
+        with pytest.raises(UserError, match="configured for DeepSpeed.*use DDP or FSDP") as err:
+            check_engine(kind, env_)
+        assert "\n" not in str(err.value)
 
 
 def test_accelerate_fsdp_options_are_read_or_refused():
@@ -265,11 +285,12 @@ def test_two_processes_match_one_and_resume_exactly(stream, tiny_model_dir, tmp_
     assert [r[:3] for r in got["rows"]] == [r[:3] for r in ref["rows"]]
     assert max_diff(got["weights"], ref["weights"]) < 1e-6
 
-    # Stopped after the shift grew an adapter (step 56), resumed under two processes: the bank,
-    # both adapters and a DDP wrapper over the new one come back; the run ends as the
-    # uninterrupted one did.
+    # Launched by `accelerate launch --multi_gpu` (the same DDP run), stopped after the shift
+    # grew an adapter (step 56), resumed by torchrun: the bank, both adapters and a DDP wrapper
+    # over the new one come back; the run ends as the uninterrupted one did.
     paused = tmp_path / "paused"
-    argv = adapt_argv(stream, tiny_model_dir, paused) + ["--max-steps", "60"]
+    argv = adapt_argv(stream, tiny_model_dir, paused, accelerate_launch("--multi_gpu"))
+    argv += ["--max-steps", "60"]
     subprocess.run(argv, env=env(), check=True, timeout=300)
     assert final(paused)["trainer"]["bank"]["current"] == "a001"
     subprocess.run(torchrun("--resume", str(paused), "--max-steps", "0"), env=env(), check=True,
@@ -281,14 +302,15 @@ def test_two_processes_match_one_and_resume_exactly(stream, tiny_model_dir, tmp_
     }
     assert max_diff(got["weights"], ref["weights"]) < 1e-6
 
-    # The same run with the frozen base sharded by FSDP2 (the adapters whole on each rank, their
-    # gradients averaged like DDP's), stopped after the growth and resumed: each rank holds half
-    # of the base, and the result is the DDP run's (the same sums in the same order: bit-equal
-    # here, checked within 1e-6).
+    # The same run under `accelerate launch --use_fsdp`: herllm shards the frozen base with FSDP2
+    # (the adapters whole on each rank, their gradients averaged like DDP's); stopped after the
+    # growth and resumed the same way. Each rank holds half of the base, and the result is the
+    # DDP run's (the same sums in the same order: bit-equal here, checked within 1e-6).
+    fsdp = accelerate_launch("--use_fsdp", "--fsdp_version", "2")
     sharded = tmp_path / "fsdp"
-    argv = adapt_argv(stream, tiny_model_dir, sharded) + ["--set", "train.fsdp=true"]
-    subprocess.run(argv + ["--max-steps", "60"], env=env(), check=True, timeout=300)
-    subprocess.run(torchrun("--resume", str(sharded), "--max-steps", "0"), env=env(), check=True,
+    argv = adapt_argv(stream, tiny_model_dir, sharded, fsdp) + ["--max-steps", "60"]
+    subprocess.run(argv, env=env(), check=True, timeout=300)
+    subprocess.run(fsdp("--resume", str(sharded), "--max-steps", "0"), env=env(), check=True,
                    timeout=300)  # fmt: skip
     got = final(sharded)
     shares = [r["sharded"] for r in got["trainer"]["ranks"]]
@@ -323,6 +345,19 @@ def test_two_processes_match_one_and_resume_exactly(stream, tiny_model_dir, tmp_
     print(f"max |weight diff| one process vs one resumed under two: {diff:.3g}")
     assert diff < MATCH_ATOL
 
-    # A two-process checkpoint cannot resume under one process: one clear line.
-    with pytest.raises(UserError, match="written by 2 processes.*nproc_per_node 2"):
-        Learner(build_config(str(killed / "config.yaml"), [f"run_dir={killed}"]), resume=True)
+    # A two-process checkpoint (step 60, after the growth) resumed under one process with the
+    # same global batch: the two positions are re-dealt, and the rest of the stream is learned
+    # once. The order of windows differs from both uninterrupted runs, so weights are not compared.
+    shrunk = tmp_path / "shrunk"
+    argv = adapt_argv(stream, tiny_model_dir, shrunk) + ["--max-steps", "60"]
+    subprocess.run(argv, env=env(), check=True, timeout=300)
+    cfg = build_config(str(shrunk / "config.yaml"), [f"run_dir={shrunk}", "train.max_steps=0",
+                       "train.batch_size=8", "select.score_batch_size=8"])  # fmt: skip
+    with Learner(cfg, resume=True, show_progress=False) as one:
+        one.run()
+    got = final(shrunk)
+    assert got["cursor"]["world"] == 1 and got["cursor"]["base"] > 0
+    assert got["step"] == ref["step"]
+    for k in ("windows_read", "tokens_streamed", "tokens_trained", "selected"):
+        assert got["trainer"]["counters"][k] == t["counters"][k], k
+    assert [r[:2] for r in got["rows"]] == [r[:2] for r in ref["rows"]]  # every window, once

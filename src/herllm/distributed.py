@@ -3,9 +3,10 @@ with FSDP2), and the checks that keep the ranks together.
 
 What each rank does, and what the ranks share (see docs/scaling.md):
 
-- **Stream.** Rank r of N reads documents ``g`` with ``(g - base) % N == r`` (``base`` is 0 unless
-  a single-process run was resumed under N processes). Every rank lists the sources, but only its
-  own documents are tokenized, scored and trained on: no document is learned twice.
+- **Stream.** Rank r of N reads documents ``g`` with ``g % N == r`` (after a resume on another
+  number of processes, the documents not yet learned are dealt that way: `Sharding`). Every rank
+  lists the sources, but only its own documents are tokenized, scored and trained on: no
+  document is learned twice.
 - **Scores.** After each scoring pass the scored windows of all ranks are gathered, in stream
   order. Every rank then runs the same shift detector, selector, ledger and counters on the same
   data, so decisions that change the model or the loss (closing a unit, consolidating, growing
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from herllm.acquire.chunks import Experience, StreamPosition
-from herllm.acquire.cursor import load_shard_cursors, save_cursor, save_shard_cursors
+from herllm.acquire.cursor import Sharding, load_shard_cursors, save_cursor, save_shard_cursors
 from herllm.acquire.sources import Document
 from herllm.errors import UserError
 from herllm.refine.scoring import Scores, mean_nll
@@ -77,11 +78,18 @@ def check_world_size(num_processes: int, env: dict | None = None) -> None:
         )
 
 
-def check_engine(distributed_type) -> None:
-    """Refuse DeepSpeed, which owns the optimizer step (see docs/scaling.md)."""
+def _env_flag(env, name: str) -> bool:
+    return str(env.get(name, "false")).lower() in ("true", "1", "yes")
+
+
+def check_engine(distributed_type, env: dict | None = None) -> None:
+    """Refuse DeepSpeed, which owns the optimizer step (see docs/scaling.md). On a CPU machine
+    Accelerate ignores `--use_deepspeed` (its state says multi-CPU), so the launcher's variable
+    is read too: the run must not fall back to DDP without a word."""
     from accelerate.utils import DistributedType
 
-    if distributed_type == DistributedType.DEEPSPEED:
+    env = os.environ if env is None else env
+    if distributed_type == DistributedType.DEEPSPEED or _env_flag(env, "ACCELERATE_USE_DEEPSPEED"):
         raise UserError(
             "Accelerate is configured for DeepSpeed, which herllm does not support yet: it "
             "protects, interpolates and restores the adapter through the model's own parameters, "
@@ -140,16 +148,21 @@ class Ranks:
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.device = accelerator.device
-        self.base = 0
-        """Global index of the first document sharded among the ranks (see `resume_rank`)."""
-        by_accelerate = accelerator.distributed_type == DistributedType.FSDP
-        self.sharded = self.world > 1 and (fsdp or by_accelerate)
+        self.sharding = Sharding(self.world)
+        """Which documents each rank reads (re-dealt when a run resumes on another N)."""
+        # `accelerate launch --use_fsdp`: on GPUs Accelerate's state says FSDP; on a CPU machine
+        # it says multi-CPU and only the launcher's variables tell (read them into a plugin)
+        plugin = None
+        if accelerator.distributed_type == DistributedType.FSDP:
+            plugin = accelerator.state.fsdp_plugin
+        elif _env_flag(os.environ, "ACCELERATE_USE_FSDP"):
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables
+        self.sharded = self.world > 1 and (fsdp or plugin is not None)
         """The frozen base weights are sharded with FSDP2 (`shard_model`): every forward pass
         is then a collective, which all ranks must run together."""
-        self.reshard = fsdp_reshard(
-            getattr(accelerator.state, "fsdp_plugin", None) if by_accelerate else None,
-            reshard_after_forward,
-        )
+        self.reshard = fsdp_reshard(plugin, reshard_after_forward)
 
     @property
     def main(self) -> bool:
@@ -218,17 +231,13 @@ class Ranks:
 
     # -- stream -----------------------------------------------------------------------------
     def shard(self, docs: Iterator[Document]) -> Iterator[Document]:
-        """This rank's documents: global index g >= base with (g - base) % world == rank."""
-        if self.world == 1 and self.base == 0:
+        """This rank's documents (`Sharding`: round robin over those not yet learned)."""
+        if self.world == 1 and self.sharding.trivial():
             return docs
-        return (
-            doc
-            for g, doc in enumerate(docs)
-            if g >= self.base and (g - self.base) % self.world == self.rank
-        )
+        return self.sharding.select(docs, self.rank)
 
     def global_index(self, local: int, rank: int) -> int:
-        return self.base + local * self.world + rank
+        return self.sharding.global_of(local * self.world + rank)
 
     def gather_scored(
         self, windows: list[Experience], scores: Scores
@@ -368,43 +377,43 @@ class Ranks:
         return states
 
     def save_cursor(self, path: Path, s, states: list[dict] | None) -> None:
-        if states is None:
+        if states is None and self.sharding.trivial():
             save_cursor(s.packer.position, path, s.cfg.stream.sources)
         else:
-            positions = [StreamPosition(**r["position"]) for r in states]
-            save_shard_cursors(positions, self.base, path, s.cfg.stream.sources)
+            positions = [s.packer.position] if states is None else [
+                StreamPosition(**r["position"]) for r in states
+            ]  # fmt: skip
+            save_shard_cursors(positions, self.sharding, path, s.cfg.stream.sources)
 
     def resume_rank(self, state: dict, cursor: Path, sources: list[str]) -> StreamPosition:
         """This rank's stream position; `state`'s pending windows, RNG and end-of-stream flag
         become this rank's own.
 
-        Same number of processes: each rank continues exactly where it was. A single-process
-        checkpoint under N processes: the documents from its position on are sharded anew
-        (`base`), rank 0 finishes the document it was in and keeps the pending windows. A
-        checkpoint of N processes under M != N: refused (its N interleaved positions cannot be
-        re-dealt without reading some documents twice or skipping some).
+        Same number of processes: each rank continues exactly where it was. Another number M:
+        the saved ranks' positions are re-dealt to the M ranks (`Sharding.redeal`): documents
+        that any saved rank learned are skipped, each interrupted document resumes at its token
+        offset on the rank it is dealt to, and the saved ranks' pending windows (selected, not
+        yet trained) go to rank r % M. The order in which windows are learned differs from an
+        uninterrupted run on either number of processes.
         """
-        positions, base = load_shard_cursors(cursor, sources)
+        positions, sharding = load_shard_cursors(cursor, sources)
         saved = len(positions)
         if saved == self.world:
-            self.base = base
+            self.sharding = sharding
             if "ranks" in state:
                 mine = state["ranks"][self.rank]
                 state.update(pending=mine["pending"], rng=mine["rng"],
                              stream_done=mine["stream_done"])  # fmt: skip
             return positions[self.rank]
-        if saved == 1:
-            p = positions[0]
-            self.base = base + p.doc_index
-            if self.main:
-                return StreamPosition(0, p.token_offset, p.doc_id, p.windows, p.tokens)
-            state["pending"] = []
-            return StreamPosition()
-        raise UserError(
-            f"checkpoint {cursor.parent} was written by {saved} processes and cannot resume "
-            f"under {self.world}: its stream position is {saved} interleaved shards; resume with "
-            f"`torchrun --nproc_per_node {saved} -m herllm.cli adapt --resume RUN`"
-        )
+        self.sharding = sharding.redeal(positions, self.world)
+        ranks = state.get("ranks") or [
+            {"pending": state["pending"], "rng": state["rng"], "stream_done": False}
+        ]
+        state["pending"] = [e for r, x in enumerate(ranks) if r % self.world == self.rank
+                            for e in x["pending"]]  # fmt: skip
+        state["rng"] = ranks[self.rank if self.rank < saved else 0]["rng"]
+        state["stream_done"] = False  # a rank whose shard is empty finds out at its first read
+        return StreamPosition()
 
     # -- what trains changed ----------------------------------------------------------------
     def rewrap(self, model: torch.nn.Module) -> torch.nn.Module:

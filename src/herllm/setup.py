@@ -413,7 +413,8 @@ def load_checkpoint(s: RunState) -> None:
         truncate_lines(s.run_dir / "metrics.jsonl", state["metrics_lines"])
         if "events_lines" in state:  # checkpoints before 2026-11-22 did not count them
             truncate_lines(s.run_dir / "events.jsonl", state["events_lines"])
-    s.packer = Packer(s.tokenizer, s.cfg.stream.seq_len, position)
+    s.packer = Packer(s.tokenizer, s.cfg.stream.seq_len, position,
+                      s.ranks.sharding.offsets(s.ranks.rank))  # fmt: skip
     s.last_checkpoint = s.step
 
 

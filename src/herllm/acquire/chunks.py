@@ -72,11 +72,20 @@ def tokenize_document(doc: Document, tokenizer) -> tuple[list[int], list[bool]]:
 class Packer:
     """Pack a document stream into windows, starting at a given stream position."""
 
-    def __init__(self, tokenizer, seq_len: int, start: StreamPosition | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        seq_len: int,
+        start: StreamPosition | None = None,
+        offsets: dict[int, tuple[int, str]] | None = None,
+    ):
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.position = StreamPosition(**vars(start)) if start else StreamPosition()
+        self.offsets = dict(offsets or {})
+        """Document index -> (token offset, document id) where an interrupted document resumes
+        (a checkpoint of N processes re-dealt to M, see `herllm.acquire.cursor.Sharding`)."""
 
     def windows(self, docs: Iterator[Document]) -> Iterator[Experience]:
         """Yield windows; `self.position` is always the start of the next window."""
@@ -88,13 +97,15 @@ class Packer:
         for index, doc in enumerate(docs):
             if index < start.doc_index:
                 continue  # already consumed before the resume point: never tokenized again
-            if start.doc_id is not None and index == start.doc_index and doc.doc_id != start.doc_id:
+            skip, expected = self.offsets.get(index, (0, None))
+            if index == start.doc_index and start.token_offset >= skip:
+                skip, expected = start.token_offset, start.doc_id
+            if expected is not None and doc.doc_id != expected:
                 raise UserError(
                     f"the stream changed since the checkpoint: document {index} is {doc.doc_id!r}, "
-                    f"the checkpoint expected {start.doc_id!r}; resume with the same sources"
+                    f"the checkpoint expected {expected!r}; resume with the same sources"
                 )
             doc_ids, doc_mask = tokenize_document(doc, self.tokenizer)
-            skip = start.token_offset if index == start.doc_index else 0
             pieces.append((index, doc.doc_id, skip, len(ids)))
             ids.extend(doc_ids[skip:])
             mask.extend(doc_mask[skip:])
