@@ -325,6 +325,9 @@ class Ranks:
         from torch.distributed.tensor import DTensor
 
         lora = {p for n, p in model.named_parameters() if "lora_" in n}
+        with torch.no_grad():  # FSDP moves what it shards to the device, unit by unit; the
+            for p in lora:  # adapters, which it leaves alone, are moved here
+                p.data = p.data.to(self.device)
         kinds = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
         for module in [m for m in model.modules() if type(m).__name__ in kinds]:
             fully_shard(module, reshard_after_forward=self.reshard, ignored_params=lora)

@@ -231,8 +231,7 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
     model = attach_lora(base, cfg.lora)
     sharded = None
     if ranks.sharded:  # FSDP2 over the frozen base; the adapters stay whole (see shard_model)
-        model = model.to(accelerator.device)
-        sharded = ranks.shard_model(model)
+        sharded = ranks.shard_model(model)  # moves to the device one unit at a time
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(cfg, trainable)
     if ranks.sharded:
