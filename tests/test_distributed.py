@@ -361,3 +361,30 @@ def test_two_processes_match_one_and_resume_exactly(stream, tiny_model_dir, tmp_
     for k in ("windows_read", "tokens_streamed", "tokens_trained", "selected"):
         assert got["trainer"]["counters"][k] == t["counters"][k], k
     assert [r[:2] for r in got["rows"]] == [r[:2] for r in ref["rows"]]  # every window, once
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_fsdp_keeps_forward_passes_in_step(stream, tiny_model_dir, tmp_path):
+    """her's own defaults (uncertainty selection: the ranks need new windows at different times,
+    so a rank often scores while the other has nothing to score) and a held-out file of 5
+    batches (3 on one rank, 2 on the other): with a sharded base every forward is a collective,
+    so the idle rank runs placeholder passes. The run must finish and equal the DDP run."""
+    common = [str(stream / "src"), "--model", str(tiny_model_dir), "--strategy", "her",
+              "--batch-size", "4", "--seq-len", str(SEQ), "--set", "select.score_batch_size=4",
+              "--set", "shift.warmup=50", "--set", f"eval.files=[{stream / 'heldout.txt'}]",
+              "--set", "eval.max_windows=40", "--set", "eval.every_steps=5"]  # fmt: skip
+    runs = {}
+    for name, extra in (("ddp", []), ("fsdp", ["--set", "train.fsdp=true"])):
+        runs[name] = tmp_path / name
+        argv = torchrun(*common, "--run-dir", str(runs[name]), *extra)
+        subprocess.run(argv, env=env(), check=True, timeout=300)
+    ddp, fsdp = final(runs["ddp"]), final(runs["fsdp"])
+    assert fsdp["trainer"]["ranks"][0]["sharded"] is not None
+    assert fsdp["trainer"]["counters"]["skipped_by_selection"] > 0  # ranks' needs differed
+    assert fsdp["step"] == ddp["step"] and fsdp["rows"] == ddp["rows"]
+    assert max_diff(fsdp["weights"], ddp["weights"]) < 1e-6
+    evals = [(r / "metrics.jsonl").read_text().splitlines() for r in (runs["ddp"], runs["fsdp"])]
+    assert len(evals[0]) == len(evals[1]) > 2
+    for a, b in zip(*evals, strict=True):
+        assert json.loads(a)["eval_nll"] == pytest.approx(json.loads(b)["eval_nll"], abs=1e-6)
