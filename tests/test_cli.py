@@ -149,3 +149,23 @@ def test_unreachable_hub_fails_fast_with_one_line(tmp_path, capsys, monkeypatch)
                               "--run-dir", str(tmp_path / "run"), "--quiet")  # fmt: skip
     assert code == 2
     assert "127.0.0.1 is not reachable (no network)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["bench", "pretrain", "generate", "ledger"])
+def test_single_process_commands_refuse_a_multi_process_launch(
+    command, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it
+    argv = {"bench": ["bench", "--out", str(tmp_path / "b")], "pretrain": ["pretrain"],
+            "generate": ["generate", "--run", str(tmp_path), "hello"], "ledger": ["ledger", str(tmp_path)]}[command]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"herllm: error: herllm {command} runs in one process, but the launcher started 2 "
+        "(WORLD_SIZE=2); run it without torchrun or accelerate launch (only `herllm adapt` "
+        "runs on several processes)"
+    )
+    assert not (tmp_path / "b").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a one-process launch is fine: the command runs
+    assert main(["ledger", str(tmp_path / "nothing")]) == 2  # (and fails on its own terms)
+    assert "runs in one process" not in capsys.readouterr().err

@@ -385,11 +385,28 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_single_process(command: str, env: dict | None = None) -> None:
+    """Only `adapt` runs on N processes; N copies of any other command would each do the whole
+    job and write the same files."""
+    from herllm.distributed import LAUNCHER_WORLD_VARS
+
+    env = os.environ if env is None else env
+    var = next((v for v in LAUNCHER_WORLD_VARS if env.get(v)), None)
+    if var and int(env[var]) > 1:
+        raise UserError(
+            f"herllm {command} runs in one process, but the launcher started {env[var]} "
+            f"({var}={env[var]}); run it without torchrun or accelerate launch (only "
+            "`herllm adapt` runs on several processes)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command != "adapt":
+            check_single_process(args.command)
         return args.func(args)
     except UserError as exc:
         print(f"herllm: error: {exc}", file=sys.stderr)
