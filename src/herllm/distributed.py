@@ -11,8 +11,9 @@ What each rank does, and what the ranks share (see docs/scaling.md):
   order. Every rank then runs the same shift detector, selector, ledger and counters on the same
   data, so decisions that change the model or the loss (closing a unit, consolidating, growing
   or reusing an adapter, Reptile) happen on every rank at the same step (a change of what trains
-  re-wraps the model in DDP: `Ranks.rewrap`); a shift decision is also compared across ranks, and a
-  mismatch stops the run. Each rank keeps its own selected windows to train on.
+  re-wraps the model in DDP: `Ranks.rewrap`). The discrete decisions themselves (a shift, grow
+  or reuse, a unit's routing key) are taken on rank 0 and broadcast, so devices that round
+  differently cannot split the ranks. Each rank keeps its own selected windows to train on.
 - **Replay.** Rank 0 alone owns the SQLite buffer: it adds the gathered windows, draws
   ``k * N`` rows per step and sends each rank its ``k`` (one writer, no lock contention, nothing
   seen on another rank is lost). Refreshed replay scores are gathered back to rank 0.
@@ -217,17 +218,6 @@ class Ranks:
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run `fn` on rank 0 only (e.g. something that deletes files) and share its result."""
         return self.broadcast(fn() if self.main else None)
-
-    def agree(self, value: T, what: str) -> T:
-        """`value` if every rank computed the same one; else stop: the ranks have diverged."""
-        if self.world == 1:
-            return value
-        seen = self.gather(repr(value))
-        if len(set(seen)) > 1:
-            raise RuntimeError(
-                f"ranks diverged on the {what}: {seen}; this is a bug in herllm, please report it"
-            )
-        return value
 
     # -- stream -----------------------------------------------------------------------------
     def shard(self, docs: Iterator[Document]) -> Iterator[Document]:

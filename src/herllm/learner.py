@@ -139,7 +139,10 @@ class Learner:
                 event = s.detector.update(
                     torch.stack([scores.nll, scores.entropy], 1), scores.reps, s.step
                 )
-                if s.ranks.agree(event, "shift decision") is not None:
+                # taken on rank 0 and broadcast, so every rank applies the same decision even
+                # if their devices rounded the scores differently
+                event = s.ranks.broadcast(event)
+                if event is not None:
                     close_unit(s, event, windows)  # close, consolidate, pick the adapter, open next
             chosen = s.selector.select(scores.nll.numpy())
             s.ledger.observe([(w.input_ids[: w.n_tokens], w.loss_mask[: w.n_tokens]) for w in windows],

@@ -73,7 +73,7 @@ def close_unit(s, event, new_windows=()) -> None:
         # the key covers the unit's own region: windows read from the estimated change point on
         # belong to the next region (detection lags); they help decide where that region goes
         own, spill = unit.split_at(min(event.sample_index, event.change_index))
-        key = s.unit_key(unit.id, own if len(own) >= 8 else unit.reservoir)
+        key = s.ranks.broadcast(s.unit_key(unit.id, own if len(own) >= 8 else unit.reservoir))
         if key is not None:
             s.bank.add_key(key)
     s.ledger.close_unit(s.step, tokens, [trained], ref_loss, stability)
@@ -94,7 +94,7 @@ def choose_adapter(s, new_windows) -> str:
 
     bank = s.bank
     reps = ad.base_reps(s.model, [s.to_device(to_batch(list(new_windows)))]).numpy()
-    reuse, near = bank.decide(reps)
+    reuse, near = s.ranks.broadcast(bank.decide(reps))  # rank 0 decides for every rank
     step = s.step
     if reuse is not None:
         action, name = "reuse", reuse
