@@ -268,6 +268,40 @@ def test_ewc_rejects_batches_without_labels(setup):
         OnlineEWC().consolidate(model, unlabeled)
 
 
+@pytest.mark.parametrize("name", ["ewc", "mas"])
+def test_batched_per_sample_gradients_equal_the_per_sample_loop(name):
+    """One batched pass (LoRA Linear weights) gives the importances of one pass per sample, with
+    right padding and a sample with no labelled token in the batch."""
+    from herllm.update import regularizers as r
+
+    model = tiny_lora_llama(seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # B = 0 at init would make every A gradient zero
+    gen = torch.Generator().manual_seed(3)
+    batch = domain_batch(1, 8, gen)
+    batch["attention_mask"][3, 7:] = 0
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    batch["labels"][6] = -100
+    batches = [batch, domain_batch(3, 3, gen)]
+    objective, stat = {"ewc": (r._lm_loss, torch.square), "mas": (r._logit_sq_norm, torch.abs)}[
+        name
+    ]
+    assert r._lora_pairs(model) is not None
+    fast = r._lora_per_sample_grad_mean(model, batches, objective, stat, r._lora_pairs(model))
+    slow = r._looped_per_sample_grad_mean(model, batches, objective, stat)
+    assert fast.keys() == slow.keys() == trainable_params(model).keys()
+    for k in slow:
+        assert float(slow[k].abs().max()) > 0, k
+        torch.testing.assert_close(
+            fast[k], slow[k], rtol=1e-4, atol=1e-6 * float(slow[k].abs().max())
+        )
+    # a trainable parameter that is not a LoRA Linear weight: the per-sample loop is used
+    next(p for n, p in model.named_parameters() if n.endswith("norm.weight")).requires_grad_(True)
+    assert r._lora_pairs(model) is None
+
+
 def learn_domain_a(regs: list) -> tuple[torch.nn.Module, list[dict]]:
     """60 steps on domain A (stride 1) with ``regs`` attached; returns the model and 2 replay batches."""
     gen = torch.Generator().manual_seed(2)
