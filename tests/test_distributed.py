@@ -375,16 +375,22 @@ def test_fsdp_keeps_forward_passes_in_step(stream, tiny_model_dir, tmp_path):
               "--set", "shift.warmup=50", "--set", f"eval.files=[{stream / 'heldout.txt'}]",
               "--set", "eval.max_windows=40", "--set", "eval.every_steps=5"]  # fmt: skip
     runs = {}
-    for name, extra in (("ddp", []), ("fsdp", ["--set", "train.fsdp=true"])):
+    keep = ["--set", "train.fsdp=true", "--set", "train.fsdp_reshard_after_forward=false"]
+    for name, extra in (("ddp", []), ("fsdp", ["--set", "train.fsdp=true"]), ("keep", keep)):
         runs[name] = tmp_path / name
         argv = torchrun(*common, "--run-dir", str(runs[name]), *extra)
         subprocess.run(argv, env=env(), check=True, timeout=300)
-    ddp, fsdp = final(runs["ddp"]), final(runs["fsdp"])
-    assert fsdp["trainer"]["ranks"][0]["sharded"] is not None
-    assert fsdp["trainer"]["counters"]["skipped_by_selection"] > 0  # ranks' needs differed
-    assert fsdp["step"] == ddp["step"] and fsdp["rows"] == ddp["rows"]
-    assert max_diff(fsdp["weights"], ddp["weights"]) < 1e-6
-    evals = [(r / "metrics.jsonl").read_text().splitlines() for r in (runs["ddp"], runs["fsdp"])]
-    assert len(evals[0]) == len(evals[1]) > 2
-    for a, b in zip(*evals, strict=True):
-        assert json.loads(a)["eval_nll"] == pytest.approx(json.loads(b)["eval_nll"], abs=1e-6)
+    ddp = final(runs["ddp"])
+    # "keep": the gathered weights stay until the backward (reshard_after_forward=false); rank 0
+    # saving alone must not put the ranks' gathers out of step (at every checkpoint and shift)
+    for name in ("fsdp", "keep"):
+        got = final(runs[name])
+        assert got["trainer"]["ranks"][0]["sharded"] is not None
+        assert got["trainer"]["counters"]["skipped_by_selection"] > 0  # ranks' needs differed
+        assert got["trainer"]["counters"]["shifts"] > 0
+        assert got["step"] == ddp["step"] and got["rows"] == ddp["rows"]
+        assert max_diff(got["weights"], ddp["weights"]) < 1e-6
+        evals = [(r / "metrics.jsonl").read_text().splitlines() for r in (runs["ddp"], runs[name])]
+        assert len(evals[0]) == len(evals[1]) > 2
+        for a, b in zip(*evals, strict=True):
+            assert json.loads(a)["eval_nll"] == pytest.approx(json.loads(b)["eval_nll"], abs=1e-6)

@@ -163,7 +163,13 @@ class Ranks:
         self.sharded = self.world > 1 and (fsdp or plugin is not None)
         """The frozen base weights are sharded with FSDP2 (`shard_model`): every forward pass
         is then a collective, which all ranks must run together."""
-        self.reshard = fsdp_reshard(plugin, reshard_after_forward)
+        self.reshard = fsdp_reshard(plugin, reshard_after_forward) if self.sharded else True
+        if self.sharded and accelerator.mixed_precision != "no":
+            raise UserError(
+                f"mixed precision {accelerator.mixed_precision} is not supported with FSDP in "
+                "herllm, which trains in fp32 (its sharded model is not prepared by Accelerate, "
+                "so the loss would be scaled and never unscaled); launch with --mixed_precision no"
+            )
 
     @property
     def main(self) -> bool:
@@ -328,6 +334,19 @@ class Ranks:
         return {"base_params": sum(p.numel() for p in sharded),
                 "local_params": sum(p.to_local().numel() for p in sharded)}  # fmt: skip
 
+    def settle(self, model: torch.nn.Module) -> None:
+        """Free the gathered weights of every FSDP unit, on every rank, before rank 0 alone
+        reads the model's state dict (saving the adapters): FSDP's state-dict hook reshards what
+        is still gathered (`reshard_after_forward=false`), and done on one rank only that would
+        leave the ranks' next forward passes out of step."""
+        if not self.sharded:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
     def sync_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Average the adapter gradients over ranks (with a sharded base, FSDP leaves the LoRA
         parameters alone; under DDP this is done by DDP itself)."""
@@ -432,8 +451,12 @@ class Ranks:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         acc = self.accelerator
-        stale = [weakref.ref(m) for m in acc._models if isinstance(m, DDP)]
-        acc._models = [m for m in acc._models if not isinstance(m, DDP)]
+
+        def ddp(m) -> bool:  # also a DDP wrapper inside Accelerate's torch.compile wrapper
+            return isinstance(getattr(m, "_orig_mod", m), DDP)
+
+        stale = [weakref.ref(m) for m in acc._models if ddp(m)]
+        acc._models = [m for m in acc._models if not ddp(m)]
         gc.collect()
         if any(ref() is not None for ref in stale):
             raise RuntimeError(

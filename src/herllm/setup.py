@@ -333,6 +333,7 @@ def save_checkpoint(s: RunState) -> None:
         return
     root = s.run_dir / "checkpoints"
     ranks = s.ranks.gather_rank_states(s)  # N processes: every rank's cursor, pending, RNG
+    s.ranks.settle(s.model)  # FSDP: every rank frees its gathered weights before rank 0 saves
     if s.accelerator.is_main_process:
         tmp = ckpt.begin(root, s.step)
         save_adapters(s, tmp / "adapters")

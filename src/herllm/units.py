@@ -133,6 +133,7 @@ def choose_adapter(s, new_windows) -> str:
 
 def save_unit_snapshot(s, unit_id: str) -> None:
     """Adapters (PEFT format) and the trainer state as they were when the unit closed."""
+    s.ranks.settle(s.model)  # FSDP: every rank frees its gathered weights before rank 0 saves
     if not s.accelerator.is_main_process:
         return
     root = s.run_dir / "units"
