@@ -196,6 +196,24 @@ def test_accelerate_fsdp_options_are_read_or_refused():
         assert "\n" not in str(err.value)
 
 
+def test_fsdp_with_mixed_precision_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from herllm.distributed import Ranks
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    acc = SimpleNamespace(num_processes=2, process_index=0, device=torch.device("cpu"),
+                          distributed_type=DistributedType.MULTI_CPU, mixed_precision="fp16")  # fmt: skip
+    with pytest.raises(
+        UserError, match="mixed precision fp16 is not supported with FSDP.*--mixed_precision no"
+    ):
+        Ranks(acc, fsdp=True)
+    assert not Ranks(acc, fsdp=False).sharded  # DDP leaves mixed precision to Accelerate
+
+
 MISLAUNCH = """import sys
 import herllm.setup
 from herllm.cli import main
