@@ -412,3 +412,40 @@ def test_fsdp_keeps_forward_passes_in_step(stream, tiny_model_dir, tmp_path):
         assert len(evals[0]) == len(evals[1]) > 2
         for a, b in zip(*evals, strict=True):
             assert json.loads(a)["eval_nll"] == pytest.approx(json.loads(b)["eval_nll"], abs=1e-6)
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_unequal_shards_are_learned_to_the_end(stream, tiny_model_dir, tmp_path):
+    """One long document puts far more windows in one rank's shard. The run goes on until every
+    rank's shard is learned (the idle rank steps on a zero-weight placeholder), under DDP and
+    FSDP: every window of the stream is read and trained, as on one process."""
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = (stream / "src" / "1-words.txt").read_text().split("\n\x1e\n")[:40]
+    long_doc = " ".join(docs[:30])  # ~30 windows in one document, read by rank 0
+    (src / "a.txt").write_text("\n\x1e\n".join([long_doc, *docs[30:]]))
+    sets = [x for o in options(stream, 4) for x in ("--set", o)]
+    got = {}
+    for name, extra in (("ddp", []), ("fsdp", ["--set", "train.fsdp=true"])):
+        run = tmp_path / name
+        argv = torchrun(str(src), "--model", str(tiny_model_dir), "--run-dir", str(run),
+                        "--strategy", "her", *sets, *extra)  # fmt: skip
+        subprocess.run(argv, env=env(), check=True, timeout=300)
+        got[name] = final(run)
+    cfg = build_config(None, [*strategy_overrides("her"), "strategy=her",
+                              f"model.name_or_path={tiny_model_dir}", f"run_dir={tmp_path / 'one'}",
+                              f"stream.sources=[{src}]", *options(stream, 8)])  # fmt: skip
+    with Learner(cfg, show_progress=False) as one:
+        one.run()
+    single = final(tmp_path / "one")
+    for name, g in got.items():
+        c, c1 = g["trainer"]["counters"], single["trainer"]["counters"]
+        # every token of the stream read once (each rank packs its own documents into windows,
+        # so window boundaries differ from one process's), every window kept once
+        assert c["tokens_streamed"] == c1["tokens_streamed"], name
+        assert len(g["rows"]) == len({r[:2] for r in g["rows"]}) == c["windows_read"], name
+        # and trained: the run ended with no rank holding untrained windows
+        assert c["selected"] == c["windows_read"], name
+        assert all(r["pending"] == [] and r["stream_done"] for r in g["trainer"]["ranks"]), name
+        assert g["step"] > single["step"], name  # the long shard took more (smaller) steps

@@ -20,15 +20,16 @@ What each rank does, and what the ranks share (see docs/scaling.md):
 - **Update.** The LM loss is per rank; DDP averages the gradients. With `train.fsdp` (or
   `accelerate launch --use_fsdp`) the base weights are sharded instead (`Ranks.shard_model`), the
   adapters stay whole on every rank and their gradients are averaged by `Ranks.sync_grads`;
-  every forward pass is then a collective, so ranks run them in step (`forward_together`). The magnitudes that set the
-  penalty weights and the stability signals are averaged over ranks, so protection state stays
-  identical everywhere.
+  every forward pass is then a collective, so ranks run them in step (`forward_together`). The
+  magnitudes that set the penalty weights and the stability signals are averaged over ranks, so
+  protection state stays identical everywhere.
 - **Writes.** Rank 0 writes checkpoints, the ledger, metrics, events and the report. Each
   checkpoint stores every rank's stream position, pending windows and RNG state, and a digest of
   each rank's weights and protection state: ranks that differ stop the run.
-- **Stop.** Ranks agree every step whether all of them have a batch; the first rank whose shard
-  runs out ends the run for all (its peers' selected-but-untrained windows are kept in the buffer
-  and the checkpoint).
+- **End of a shard.** Shards can hold very different numbers of windows (documents differ in
+  length). A rank whose shard is learned keeps stepping with the others on a placeholder whose
+  loss counts zero, and gets no replay, while the active ranks scale their losses by N / active
+  (`loss_scale`): the run ends when every rank's shard is learned.
 
 With one process every method here is the identity, so a single-process run is unchanged.
 """
@@ -151,6 +152,9 @@ class Ranks:
         self.device = accelerator.device
         self.sharding = Sharding(self.world)
         """Which documents each rank reads (re-dealt when a run resumes on another N)."""
+        self.active = True
+        """This rank trains on new windows this step (false once its shard is learned)."""
+        self.active_ranks = list(range(self.world))
         # `accelerate launch --use_fsdp`: on GPUs Accelerate's state says FSDP; on a CPU machine
         # it says multi-CPU and only the launcher's variables tell (read them into a plugin)
         plugin = None
@@ -198,12 +202,28 @@ class Ranks:
         return self._reduce(list(values), torch.distributed.ReduceOp.SUM)
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
-        """Mean of a tensor over ranks (a detached copy; the identity on one process)."""
+        """Mean of a tensor over the active ranks (a detached copy; the identity on one
+        process)."""
         if self.world == 1:
             return t
-        out = t.detach().clone()
+        flat = t.detach().reshape(-1) * float(self.active)
+        out = torch.cat([flat, flat.new_tensor([float(self.active)])])
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
-        return out / self.world
+        return (out[:-1] / out[-1].clamp_min(1)).view_as(t)
+
+    def set_active(self, active: bool) -> None:
+        """Record which ranks train on new windows this step (every rank calls it)."""
+        self.active = active
+        if self.world > 1:
+            flags = self.gather(active)
+            self.active_ranks = [r for r, f in enumerate(flags) if f]
+
+    def loss_scale(self) -> float:
+        """N / (active ranks) on an active rank, 0 on one whose shard has ended: DDP's (and
+        `sync_grads`') mean over N ranks then averages the active ranks' gradients."""
+        if self.world == 1:
+            return 1.0
+        return self.world / len(self.active_ranks) if self.active else 0.0
 
     def gather(self, obj: T) -> list[T]:
         """Every rank's object, in rank order, on every rank."""
@@ -262,19 +282,25 @@ class Ranks:
 
     # -- replay and general samples -----------------------------------------------------------
     def sample_replay(self, buffer, k: int) -> list:
-        """k rows for this rank: rank 0 draws k * world rows and deals them out."""
+        """k rows for this rank: rank 0 draws k rows per active rank and deals them out (none to
+        a rank whose shard has ended)."""
         if k == 0:
             return []
         if self.world == 1:
             return buffer.sample(k) if buffer is not None and len(buffer) else []
-        rows = buffer.sample(k * self.world) if buffer is not None and len(buffer) else []
-        return self.broadcast(rows)[self.rank :: self.world]
+        n = len(self.active_ranks)
+        rows = buffer.sample(k * n) if buffer is not None and len(buffer) else []
+        rows = self.broadcast(rows)
+        return rows[self.active_ranks.index(self.rank) :: n] if self.active else []
 
     def sample_general(self, general, k: int) -> list[Experience]:
-        """k general windows for this rank; every rank's sampler draws the same k * world."""
+        """k general windows for this rank; every rank's sampler draws the same k per active
+        rank, and the active ranks take turns."""
         if not k or general is None:
             return []
-        return general.sample(k * self.world)[self.rank :: self.world]
+        n = len(self.active_ranks)
+        drawn = general.sample(k * n)
+        return drawn[self.active_ranks.index(self.rank) :: n] if self.active else []
 
     def update_scores(self, buffer, row_ids: list[int], scores: list[float]) -> None:
         """Refreshed replay scores of every rank, written by rank 0 (the buffer's one writer)."""

@@ -87,8 +87,8 @@ class Learner:
         with LoopProgress(cfg.train.max_steps or None, s.step, self.show_progress) as bar:
             while not self.budget_spent():
                 new = self.acquire()  # read -> score -> detect shift -> select -> remember
-                if not new:
-                    break  # the stream is exhausted
+                if new is None:
+                    break  # the stream is exhausted (on N processes: every rank's shard)
                 replay = self.sample_replay()  # past experience from the buffer
                 general = self.sample_general()  # general text that protects general ability
                 loss = self.update(new, replay, general)  # LM loss + protection, one step
@@ -122,12 +122,15 @@ class Learner:
             or (until is not None and c["tokens_streamed"] >= until)
         )
 
-    def acquire(self) -> list[Experience]:
-        """Read and score windows until a batch's worth of new experiences is selected.
+    def acquire(self) -> list[Experience] | None:
+        """Read and score windows until a batch's worth of new experiences is selected; None
+        when the stream is exhausted.
 
         On N processes each rank reads its own shard and the scored windows of all ranks are
         gathered: detection, selection, the ledger and the counters see the whole stream on every
-        rank (so every rank decides the same), and each rank keeps its own selected windows.
+        rank (so every rank decides the same), and each rank keeps its own selected windows. The
+        run goes on until every rank's shard is learned: a rank whose shard has ended gets an
+        empty batch (see `update`) while the others still have windows.
         """
         s = self.s
         want = self.cfg.train.batch_size - self.cfg.replay_per_batch - self.cfg.general_per_batch
@@ -157,9 +160,10 @@ class Learner:
             c["tokens_scored"] += scores.tokens
             c["selected"] += int(chosen.sum())
             c["skipped_by_selection"] += int((~chosen).sum())
-        if not s.ranks.all_true(bool(s.pending)):
-            return []  # the stream (on N processes: a rank's shard) has ended: every rank stops
+        if not s.ranks.any_true(bool(s.pending)):
+            return None  # the stream (on N processes: every rank's shard) has ended
         batch, s.pending = s.pending[:want], s.pending[want:]
+        s.ranks.set_active(bool(batch))  # which ranks train on new windows this step
         return batch
 
     def read_and_score(self, want: int) -> tuple[list[Experience], Scores, list[bool]]:
@@ -206,10 +210,19 @@ class Learner:
         return self.s.ranks.sample_general(self.s.general, self.cfg.general_per_batch)
 
     def update(self, new: list[Experience], replay: list, general: list[Experience]) -> float:
-        """One optimizer step on new + replay + general experiences; non-finite losses are skipped."""
+        """One optimizer step on new + replay + general experiences; non-finite losses are skipped.
+
+        On N processes a rank whose shard has ended (no new windows; it gets no replay either)
+        still runs the step, which DDP and FSDP need from every rank, on a placeholder window
+        whose loss counts zero; the active ranks' losses are scaled by N / active, so the
+        averaged gradient is the mean over the active ranks."""
         s = self.s
         rows = [s.row_to_experience(r) for r in replay]
-        batch = s.to_device(to_batch(new + rows + general))
+        exps = new + rows + general
+        real = bool(exps)
+        if not real:  # only on N processes, at the end of this rank's shard
+            exps = [s.window_to_experience(np.array([s.packer.pad_id, s.packer.pad_id]), None)]
+        batch = s.to_device(to_batch(exps))
         s.train_model.train()
         out = s.train_model(**batch)  # DDP-wrapped on N processes: gradients are averaged
         lm_loss = out.loss
@@ -221,6 +234,7 @@ class Learner:
         if s.orth is not None and s.bank.frozen():  # O-LoRA: keep the new subspace orthogonal
             overlap = orthogonality(s.model, s.bank.current, s.bank.frozen())
             loss = loss + s.orth.weight("orth", overlap, lm_loss) * overlap
+        loss = loss * s.ranks.loss_scale()
         if not s.ranks.all_true(bool(torch.isfinite(loss))):  # every rank skips, or none
             return self.skip_nonfinite(float(loss.detach()))
         s.accelerator.backward(loss)
@@ -242,7 +256,7 @@ class Learner:
         s.nonfinite_streak = 0
         self.track_losses(out.logits.detach(), batch["labels"], len(new), replay)
         tokens, n_replay, n_general = s.ranks.sum(
-            int(batch["attention_mask"].sum()), len(replay), len(general)
+            int(batch["attention_mask"].sum()) if real else 0, len(replay), len(general)
         )
         c = s.counters
         c["tokens_trained"] += int(tokens)
