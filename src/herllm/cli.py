@@ -388,14 +388,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def check_single_process(command: str, env: dict | None = None) -> None:
     """Only `adapt` runs on N processes; N copies of any other command would each do the whole
     job and write the same files."""
-    from herllm.distributed import LAUNCHER_WORLD_VARS
+    from herllm.distributed import launched_processes
 
-    env = os.environ if env is None else env
-    var = next((v for v in LAUNCHER_WORLD_VARS if env.get(v)), None)
-    if var and int(env[var]) > 1:
+    var, launched = launched_processes(env)
+    if launched > 1:
         raise UserError(
-            f"herllm {command} runs in one process, but the launcher started {env[var]} "
-            f"({var}={env[var]}); run it without torchrun or accelerate launch (only "
+            f"herllm {command} runs in one process, but the launcher started {launched} "
+            f"({var}={launched}); run it without torchrun or accelerate launch (only "
             "`herllm adapt` runs on several processes)"
         )
 

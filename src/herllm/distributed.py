@@ -61,15 +61,21 @@ T = TypeVar("T")
 LAUNCHER_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
+def launched_processes(env: dict | None = None) -> tuple[str | None, int]:
+    """The launcher's variable that holds the number of processes, and that number (1 when no
+    launcher set one)."""
+    env = os.environ if env is None else env
+    var = next((v for v in LAUNCHER_WORLD_VARS if env.get(v)), None)
+    return var, int(env[var]) if var else 1
+
+
 def check_world_size(num_processes: int, env: dict | None = None) -> None:
     """Refuse a run whose launcher started more processes than Accelerate joined.
 
     On a CPU machine, `torchrun --nproc_per_node 2` with an Accelerator that is not told
     `cpu=True` gives every process a world of one: each trains alone, without any error.
     """
-    env = os.environ if env is None else env
-    var = next((v for v in LAUNCHER_WORLD_VARS if env.get(v)), None)
-    launched = int(env[var]) if var else 1
+    var, launched = launched_processes(env)
     if launched != num_processes:
         raise UserError(
             f"the launcher started {launched} processes ({var}={launched}) but Accelerate "
@@ -152,9 +158,8 @@ class Ranks:
         self.device = accelerator.device
         self.sharding = Sharding(self.world)
         """Which documents each rank reads (re-dealt when a run resumes on another N)."""
-        self.active = True
-        """This rank trains on new windows this step (false once its shard is learned)."""
         self.active_ranks = list(range(self.world))
+        """The ranks that train on new windows this step (not those whose shard is learned)."""
         # `accelerate launch --use_fsdp`: on GPUs Accelerate's state says FSDP; on a CPU machine
         # it says multi-CPU and only the launcher's variables tell (read them into a plugin)
         plugin = None
@@ -211,12 +216,16 @@ class Ranks:
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
         return (out[:-1] / out[-1].clamp_min(1)).view_as(t)
 
-    def set_active(self, active: bool) -> None:
-        """Record which ranks train on new windows this step (every rank calls it)."""
-        self.active = active
-        if self.world > 1:
-            flags = self.gather(active)
-            self.active_ranks = [r for r, f in enumerate(flags) if f]
+    @property
+    def active(self) -> bool:
+        """This rank trains on new windows this step."""
+        return self.rank in self.active_ranks
+
+    def set_active(self, active: bool) -> bool:
+        """Record which ranks train on new windows this step (every rank calls it); whether
+        any does."""
+        self.active_ranks = [r for r, f in enumerate(self.gather(active)) if f]
+        return bool(self.active_ranks)
 
     def loss_scale(self) -> float:
         """N / (active ranks) on an active rank, 0 on one whose shard has ended: DDP's (and

@@ -160,10 +160,9 @@ class Learner:
             c["tokens_scored"] += scores.tokens
             c["selected"] += int(chosen.sum())
             c["skipped_by_selection"] += int((~chosen).sum())
-        if not s.ranks.any_true(bool(s.pending)):
+        if not s.ranks.set_active(bool(s.pending)):  # which ranks train on new windows
             return None  # the stream (on N processes: every rank's shard) has ended
         batch, s.pending = s.pending[:want], s.pending[want:]
-        s.ranks.set_active(bool(batch))  # which ranks train on new windows this step
         return batch
 
     def read_and_score(self, want: int) -> tuple[list[Experience], Scores, list[bool]]:
@@ -185,7 +184,7 @@ class Learner:
         if needed and s.ranks.forward_together(bool(windows)):
             base = s.detector is not None and cfg.shift.reps == "base"
             # with an FSDP-sharded base a rank without windows runs a placeholder pass
-            rows = windows or [s.window_to_experience(np.array([s.packer.pad_id]), None)]
+            rows = windows or [s.placeholder_window()]
             scores = score_batch(s.model, s.to_device(to_batch(rows)), base_reps=base)
             if windows:
                 return scores
@@ -221,7 +220,7 @@ class Learner:
         exps = new + rows + general
         real = bool(exps)
         if not real:  # only on N processes, at the end of this rank's shard
-            exps = [s.window_to_experience(np.array([s.packer.pad_id, s.packer.pad_id]), None)]
+            exps = [s.placeholder_window()]
         batch = s.to_device(to_batch(exps))
         s.train_model.train()
         out = s.train_model(**batch)  # DDP-wrapped on N processes: gradients are averaged

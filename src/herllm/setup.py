@@ -120,6 +120,11 @@ class RunState:
     ) -> Experience:
         return padded_experience(key, -1, ids, mask, self.cfg.stream.seq_len, self.packer.pad_id)
 
+    def placeholder_window(self) -> Experience:
+        """Two pad tokens (one labelled): the input of a forward or training step a rank runs
+        only to stay in step with the others (its result is dropped, its loss counts zero)."""
+        return self.window_to_experience(np.array([self.packer.pad_id] * 2), None)
+
     def unit_batches(self) -> list[dict]:
         """A uniform sample of the current knowledge unit, as batches (for consolidation)."""
         from herllm.units import reservoir_batches

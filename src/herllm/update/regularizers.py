@@ -127,6 +127,17 @@ def _per_sample_grad_mean(
     return _looped_per_sample_grad_mean(model, batches, objective, stat)
 
 
+def _sample_mean(acc: dict[str, Tensor], count: int, params: dict[str, nn.Parameter]) -> dict:
+    """The accumulated per-sample statistics divided by the sample count, in each parameter's
+    dtype; no sample with a loss is the caller's mistake."""
+    if count == 0:
+        raise ValueError(
+            "consolidate got no sample with a loss (empty batches or all labels -100); "
+            "pass a few replay batches with labels"
+        )
+    return {n: (a / count).to(params[n].dtype) for n, a in acc.items()}
+
+
 def _lora_pairs(model: nn.Module) -> list[tuple[str, str, nn.Module, nn.Module]] | None:
     """(A weight name, B weight name, A module, B module) of every trainable LoRA Linear pair,
     or None when some trainable parameter is not such a weight (a bias, DoRA's magnitude, a
@@ -174,6 +185,7 @@ def _lora_per_sample_grad_mean(model, batches, objective, stat, pairs) -> dict[s
 
     handles = [h for a_name, _, a, b in pairs
                for h in (a.register_forward_hook(hook_a(a_name)), b.register_forward_hook(hook_b(a_name)))]  # fmt: skip
+    by_name = {a_name: b_name for a_name, b_name, _, _ in pairs}
     count = 0
     was_training = model.training
     model.eval()  # importance of the deterministic function, without adapter dropout noise
@@ -187,7 +199,6 @@ def _lora_per_sample_grad_mean(model, batches, objective, stat, pairs) -> dict[s
             calls = [(name, c) for name in seen for c in seen[name]]
             outs = [t for _, c in calls for t in (c[1], c[2])]
             grads = torch.autograd.grad(values[valid].sum(), outs, allow_unused=True)
-            by_name = {a_name: b_name for a_name, b_name, _, _ in pairs}
             for k, (a_name, (x, u, _v)) in enumerate(calls):
                 g_u, g_v = grads[2 * k], grads[2 * k + 1]
                 if g_u is None or g_v is None:
@@ -204,12 +215,7 @@ def _lora_per_sample_grad_mean(model, batches, objective, stat, pairs) -> dict[s
             h.remove()
         seen.clear()
         model.train(was_training)
-    if count == 0:
-        raise ValueError(
-            "consolidate got no sample with a loss (empty batches or all labels -100); "
-            "pass a few replay batches with labels"
-        )
-    return {n: (a / count).to(params[n].dtype) for n, a in acc.items()}
+    return _sample_mean(acc, count, params)
 
 
 def _looped_per_sample_grad_mean(model, batches, objective, stat) -> dict[str, Tensor]:
@@ -234,12 +240,7 @@ def _looped_per_sample_grad_mean(model, batches, objective, stat) -> dict[str, T
                 count += 1
     finally:
         model.train(was_training)
-    if count == 0:
-        raise ValueError(
-            "consolidate got no sample with a loss (empty batches or all labels -100); "
-            "pass a few replay batches with labels"
-        )
-    return {n: (a / count).to(params[n].dtype) for n, a in acc.items()}
+    return _sample_mean(acc, count, params)
 
 
 def _lm_loss(model: nn.Module, sample: Batch, per_sample: bool = False) -> Tensor | None:
