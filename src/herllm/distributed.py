@@ -90,22 +90,6 @@ def _env_flag(env, name: str) -> bool:
     return str(env.get(name, "false")).lower() in ("true", "1", "yes")
 
 
-def check_engine(distributed_type, env: dict | None = None) -> None:
-    """Refuse DeepSpeed, which owns the optimizer step (see docs/scaling.md). On a CPU machine
-    Accelerate ignores `--use_deepspeed` (its state says multi-CPU), so the launcher's variable
-    is read too: the run must not fall back to DDP without a word."""
-    from accelerate.utils import DistributedType
-
-    env = os.environ if env is None else env
-    if distributed_type == DistributedType.DEEPSPEED or _env_flag(env, "ACCELERATE_USE_DEEPSPEED"):
-        raise UserError(
-            "Accelerate is configured for DeepSpeed, which herllm does not support yet: it "
-            "protects, interpolates and restores the adapter through the model's own parameters, "
-            "which DeepSpeed updates inside its engine; use DDP or FSDP instead "
-            "(`accelerate launch --multi_gpu ...`, `--use_fsdp`, or `torchrun`), see docs/scaling.md"
-        )
-
-
 def fsdp_reshard(plugin, default: bool) -> bool:
     """`reshard_after_forward` for herllm's FSDP2 sharding, read from Accelerate's FSDP plugin
     (`accelerate launch --use_fsdp ...`); the options herllm cannot honour are refused."""
@@ -147,11 +131,14 @@ def fsdp_reshard(plugin, default: bool) -> bool:
 class Ranks:
     """This process's place among the N launched processes, and the collectives the loop uses."""
 
-    def __init__(self, accelerator, fsdp: bool = False, reshard_after_forward: bool = True) -> None:
+    def __init__(self, accelerator, train=None) -> None:
         from accelerate.utils import DistributedType
 
+        from herllm import zero
+        from herllm.config import TrainConfig
+
+        train = train if train is not None else TrainConfig()
         check_world_size(accelerator.num_processes)
-        check_engine(accelerator.distributed_type)
         self.accelerator = accelerator
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
@@ -169,15 +156,36 @@ class Ranks:
             from accelerate.utils import FullyShardedDataParallelPlugin
 
             plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables
-        self.sharded = self.world > 1 and (fsdp or plugin is not None)
+        self.sharded = self.world > 1 and (train.fsdp or plugin is not None)
         """The frozen base weights are sharded with FSDP2 (`shard_model`): every forward pass
         is then a collective, which all ranks must run together."""
-        self.reshard = fsdp_reshard(plugin, reshard_after_forward) if self.sharded else True
-        if self.sharded and accelerator.mixed_precision != "no":
+        self.reshard = (
+            fsdp_reshard(plugin, train.fsdp_reshard_after_forward) if self.sharded else True
+        )
+        ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        asked = zero.requested(accelerator.distributed_type, train.deepspeed, ds_plugin)
+        self.zero: dict | None = None
+        """The DeepSpeed ZeRO-1/2 config the adapters' optimizer runs under (`herllm.zero`)."""
+        if asked is not None and self.world > 1:
+            if self.sharded:
+                raise UserError(
+                    "both FSDP and DeepSpeed are asked for (train.fsdp / --use_fsdp and "
+                    "train.deepspeed / --use_deepspeed); choose one"
+                )
+            self.zero = zero.zero_config(*asked, train.batch_size, train.grad_clip)
+            try:
+                import deepspeed  # noqa: F401
+            except ImportError as e:
+                raise UserError(
+                    f"DeepSpeed is asked for ({asked[1]}) but is not installed ({e}); install it "
+                    "after torch with `pip install 'herllm[deepspeed]'`, or launch without it"
+                ) from e
+        engine = "FSDP" if self.sharded else "DeepSpeed" if self.zero else None
+        if engine and accelerator.mixed_precision != "no":
             raise UserError(
-                f"mixed precision {accelerator.mixed_precision} is not supported with FSDP in "
-                "herllm, which trains in fp32 (its sharded model is not prepared by Accelerate, "
-                "so the loss would be scaled and never unscaled); launch with --mixed_precision no"
+                f"mixed precision {accelerator.mixed_precision} is not supported with {engine} in "
+                "herllm, which trains in fp32 (its model is not prepared by Accelerate, so the "
+                "loss would be scaled and never unscaled); launch with --mixed_precision no"
             )
 
     @property
@@ -413,6 +421,7 @@ class Ranks:
             "rng": ckpt.rng_state(),
             "digest": digest(s),
             "sharded": s.sharded,  # FSDP: base parameters in all, and on this rank
+            "zero": s.optimizer.partition() if self.zero is not None else None,  # DeepSpeed
         }
         states = self.gather(mine)
         digests = [r["digest"] for r in states]

@@ -236,10 +236,17 @@ class Learner:
         loss = loss * s.ranks.loss_scale()
         if not s.ranks.all_true(bool(torch.isfinite(loss))):  # every rank skips, or none
             return self.skip_nonfinite(float(loss.detach()))
-        s.accelerator.backward(loss)
+        if s.ranks.zero is not None:  # DeepSpeed: reduces into partitions, clips in its step
+            s.optimizer.backward(loss)
+        else:
+            s.accelerator.backward(loss)
         s.ranks.sync_grads(s.trainable)  # FSDP-sharded base: average the adapters' gradients
         s.protection.after_backward(s.model)
-        if self.cfg.train.grad_clip > 0:
+        if s.ranks.zero is not None:  # DeepSpeed clips in its step; the norm's check is here
+            if not s.optimizer.grads_finite():
+                s.optimizer.discard()
+                return self.skip_nonfinite(math.inf)
+        elif self.cfg.train.grad_clip > 0:
             clip = (
                 torch.nn.utils.clip_grad_norm_ if s.ranks.sharded else s.accelerator.clip_grad_norm_
             )
@@ -249,8 +256,12 @@ class Learner:
                 return self.skip_nonfinite(float(norm))
         s.snapshot_good_weights()  # these weights gave a finite loss: the state to fall back to
         s.optimizer.step()
+        if getattr(s.optimizer, "overflow", False):  # DeepSpeed skipped a non-finite grad norm
+            return self.skip_nonfinite(math.inf)
         s.scheduler.step()
-        s.counters["reptile_steps"] += int(s.protection.after_step(s.model, s.optimizer))
+        if s.protection.after_step(s.model, s.optimizer):  # Reptile moved the weights
+            s.counters["reptile_steps"] += 1
+            s.weights_written()
         s.optimizer.zero_grad(set_to_none=True)
         s.nonfinite_streak = 0
         self.track_losses(out.logits.detach(), batch["labels"], len(new), replay)

@@ -146,13 +146,19 @@ class RunState:
         acc = self.accelerator
         acc._optimizers = [o for o in acc._optimizers if o is not self.optimizer]
         acc._schedulers = [x for x in acc._schedulers if x is not self.scheduler]
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self._good = None
+        if self.ranks.zero is not None:  # a new engine over what trains now
+            self.optimizer.destroy()  # its gradient hooks would fire on a reused adapter
+            optimizer, self.scheduler = make_optimizer(self.cfg, self.trainable)
+            self.optimizer = zero_optimizer(self.cfg, self.model, optimizer, self.ranks.zero)
+            self.train_model = self.optimizer.engine
+            return
         self.train_model = None  # the old DDP wrapper must be released before the new one
         self.train_model = self.ranks.rewrap(self.model)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(self.cfg, self.trainable)
         if not self.ranks.sharded:  # FSDP: herllm shards the model itself, Accelerate stays out
             self.optimizer, self.scheduler = acc.prepare(self.optimizer, self.scheduler)
-        self._good = None
 
     def unit_key(self, unit_id: str, reservoir) -> ad.RoutingKey | None:
         """Routing key of a unit from its reservoir windows (None with too few of them)."""
@@ -189,6 +195,21 @@ class RunState:
             with torch.no_grad():
                 for p, src in zip(self.trainable, self._good, strict=True):
                     p.copy_(src)
+            self.weights_written()
+
+    def optimizer_state(self) -> dict | None:
+        """The optimizer's state dict on rank 0 (None elsewhere). Every rank calls it: under
+        DeepSpeed the state is partitioned and gathering it is a collective."""
+        if self.ranks.zero is not None:
+            state = self.optimizer.state_dict()
+            return state if self.ranks.main else None
+        return self.optimizer.state_dict() if self.ranks.main else None
+
+    def weights_written(self) -> None:
+        """The trainable weights were written outside the optimizer (the fall-back above, a
+        Reptile step): under DeepSpeed they are copied into the engine's fp32 partitions too."""
+        if self.ranks.zero is not None:
+            self.optimizer.weights_written()
 
     # -- logs -------------------------------------------------------------------------------
     def log_metrics(self, record: dict) -> None:
@@ -231,7 +252,7 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
         cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False
     )
     # refuses a launcher/Accelerate world-size mismatch, and the engines herllm cannot run under
-    ranks = Ranks(accelerator, cfg.train.fsdp, cfg.train.fsdp_reshard_after_forward)
+    ranks = Ranks(accelerator, cfg.train)
     base, tokenizer = load_base(cfg.model)
     model = attach_lora(base, cfg.lora)
     sharded = None
@@ -241,6 +262,9 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
     optimizer, scheduler = make_optimizer(cfg, trainable)
     if ranks.sharded:
         train_model = model
+    elif ranks.zero is not None:  # DeepSpeed ZeRO-1/2 owns the adapters' optimizer state
+        optimizer = zero_optimizer(cfg, model, optimizer, ranks.zero)
+        train_model = optimizer.engine
     else:
         train_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         model = accelerator.unwrap_model(train_model)
@@ -298,6 +322,14 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
     )
 
 
+def zero_optimizer(cfg: RunConfig, model, optimizer, config: dict):
+    """`optimizer` inside a DeepSpeed ZeRO-1/2 engine (`herllm.zero`); SI reads each step's
+    whole gradient, so it is gathered only when SI runs."""
+    from herllm.zero import ZeroOptimizer
+
+    return ZeroOptimizer(model, optimizer, config, keep_grads="si" in cfg.protect.regularizers)
+
+
 def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]):
     """AdamW over `params` with a linear warm-up, then a constant rate (streams have no end)."""
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -339,10 +371,12 @@ def save_checkpoint(s: RunState) -> None:
     root = s.run_dir / "checkpoints"
     ranks = s.ranks.gather_rank_states(s)  # N processes: every rank's cursor, pending, RNG
     s.ranks.settle(s.model)  # FSDP: every rank frees its gathered weights before rank 0 saves
+    optim = s.optimizer_state()
     if s.accelerator.is_main_process:
         tmp = ckpt.begin(root, s.step)
         save_adapters(s, tmp / "adapters")
-        torch.save(trainer_state(s) | ({"ranks": ranks} if ranks else {}), tmp / "trainer.pt")
+        state = trainer_state(s, optim) | ({"ranks": ranks} if ranks else {})
+        torch.save(state, tmp / "trainer.pt")
         s.ranks.save_cursor(tmp / "cursor.json", s, ranks)
         ckpt.publish(tmp)
         if s.buffer is not None:
@@ -352,12 +386,12 @@ def save_checkpoint(s: RunState) -> None:
     s.last_checkpoint = s.step
 
 
-def trainer_state(s: RunState) -> dict:
+def trainer_state(s: RunState, optimizer: dict) -> dict:
     counters = dict(s.counters)
     counters["train_seconds"] = s.counters["train_seconds"] + (time.perf_counter() - s.started)
     return {
         "step": s.step,
-        "optimizer": s.optimizer.state_dict(),
+        "optimizer": optimizer,
         "scheduler": s.scheduler.state_dict(),
         "rng": ckpt.rng_state(),
         "selector": s.selector.state_dict(),
@@ -395,6 +429,7 @@ def load_checkpoint(s: RunState) -> None:
     if s.bank is not None:
         ad.activate(s.model, s.bank)
         s.rebuild_optimizer()
+    s.weights_written()  # DeepSpeed: the loaded adapters into the engine's fp32 partitions
     position = s.ranks.resume_rank(state, path / "cursor.json", s.cfg.stream.sources)
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])

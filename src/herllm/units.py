@@ -134,6 +134,7 @@ def choose_adapter(s, new_windows) -> str:
 def save_unit_snapshot(s, unit_id: str) -> None:
     """Adapters (PEFT format) and the trainer state as they were when the unit closed."""
     s.ranks.settle(s.model)  # FSDP: every rank frees its gathered weights before rank 0 saves
+    optimizer = s.optimizer_state()  # every rank takes part (DeepSpeed gathers it)
     if not s.accelerator.is_main_process:
         return
     root = s.run_dir / "units"
@@ -143,7 +144,7 @@ def save_unit_snapshot(s, unit_id: str) -> None:
     from herllm.setup import save_adapters
 
     save_adapters(s, tmp / "adapters")
-    torch.save({"step": s.step, "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+    torch.save({"step": s.step, "optimizer": optimizer, "scheduler": s.scheduler.state_dict(),
                 "protection": s.protection.state_dict(),
                 "bank": s.bank.state_dict() if s.bank is not None else None}, tmp / "trainer.pt")  # fmt: skip
     ckpt.fsync_tree(tmp)
