@@ -1,9 +1,10 @@
-"""The same `her` run on one process, on two under DDP, and on two with the base sharded by FSDP.
+"""The same `her` run on one process, on two under DDP, on two with the base sharded by FSDP, and
+on two with the adapters' optimizer state partitioned by DeepSpeed ZeRO-2.
 
 The stream is bundled domains cut to a token budget. Each configuration is a separate
 `herllm adapt` (launched with torchrun for two processes) on the same stream with the same
-global batch; we report wall time, trained tokens per second, the final held-out loss and the
-base parameters each rank holds. On a CPU machine the processes share its cores, so this measures
+global batch; we report wall time, trained tokens per second, the final held-out loss, the
+base parameters each rank holds and (ZeRO) the trainable parameters whose optimizer state it holds. On a CPU machine the processes share its cores, so this measures
 what the multi-process machinery costs, not a speed-up.
 
     python benchmarks/bench_scaling.py --out results/bench_scaling.json
@@ -57,6 +58,7 @@ def main() -> None:
         "1 process, 2 threads": (one, {"OMP_NUM_THREADS": "2"}),
         "2 processes, DDP": (two, {"OMP_NUM_THREADS": "1"}),
         "2 processes, FSDP": (two + ["--set", "train.fsdp=true"], {"OMP_NUM_THREADS": "1"}),
+        "2 processes, ZeRO-2": (two + ["--set", "train.deepspeed=2"], {"OMP_NUM_THREADS": "1"}),
     }
     results = {"machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                "domains": args.domains, "tokens_per_domain": args.tokens_per_domain, "runs": {}}  # fmt: skip
@@ -69,6 +71,7 @@ def main() -> None:
         state = torch.load(ckpt / "trainer.pt", weights_only=False)
         c = state["counters"]
         shares = [r.get("sharded") for r in state.get("ranks", [])]
+        zero = [r.get("zero") for r in state.get("ranks", [])]
         results["runs"][name] = {
             "wall_s": round(wall, 1),
             "loop_s": round(c["train_seconds"], 1),
@@ -80,6 +83,7 @@ def main() -> None:
             )["eval_nll"]["heldout.txt"],
             "shifts": c["shifts"],
             "base_params_per_rank": [s["local_params"] for s in shares if s] or None,
+            "optimizer_state_params_per_rank": [z["local_params"] for z in zero if z] or None,
         }
         print(name, results["runs"][name], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
