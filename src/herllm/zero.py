@@ -131,7 +131,8 @@ def zero_config(user: dict, where: str, batch_size: int, grad_clip: float) -> di
 class ZeroOptimizer:
     """herllm's AdamW inside a DeepSpeed ZeRO-1/2 engine, with the interface the loop uses of a
     torch optimizer (`step`, `zero_grad`, `param_groups`, `state`, `state_dict`,
-    `load_state_dict`) plus `backward` and `weights_written`.
+    `load_state_dict`), plus what the engine needs from the loop: `backward`, `grads_finite` and
+    `discard` (the check of the gradient before the step), `weights_written`, `destroy`.
 
     `keep_grads`: gather every trainable parameter's whole gradient after the backward and hand
     it back as `p.grad` after the step (SI reads it then); ZeRO-2 otherwise keeps only this
