@@ -166,7 +166,8 @@ def test_deepspeed_config_is_read_checked_and_completed(tmp_path):
 
     from herllm.zero import requested, zero_config
 
-    assert requested(DistributedType.MULTI_CPU, "") is None  # nobody asked: DDP
+    for off in ("", "0", "off"):  # nobody asked (or a resume turns it off): DDP
+        assert requested(DistributedType.MULTI_CPU, off) is None
     assert requested(DistributedType.MULTI_GPU, "2")[0] == {"zero_optimization": {"stage": 2}}
     # `accelerate launch --use_deepspeed` on a CPU machine: Accelerate itself reports multi-CPU,
     # so its variables are read (and win over train.deepspeed)

@@ -31,6 +31,7 @@ import torch
 from herllm.errors import UserError
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+_OFF = ("", "0", "false", "no", "off", "none")  # train.deepspeed values that turn it off
 
 
 def _enabled(block) -> bool:
@@ -67,7 +68,7 @@ def requested(distributed_type, setting: str, plugin=None, env=None) -> tuple[di
     if distributed_type == DistributedType.DEEPSPEED or launched:
         plugin = plugin if plugin is not None else DeepSpeedPlugin()  # reads the variables
         return dict(plugin.deepspeed_config), "in the Accelerate DeepSpeed config"
-    if setting:
+    if setting.strip().lower() not in _OFF:
         return read_setting(setting), f"train.deepspeed={setting}"
     return None
 
