@@ -192,10 +192,11 @@ class TrainConfig:
     """FSDP2: free the gathered weights after each forward (least memory; gathered again for
     the backward); false keeps them until the backward (ZeRO-2-like)."""
     deepspeed: str = ""
-    """On N processes, run the adapters' optimizer under DeepSpeed ZeRO: "1" or "2" (the stage)
-    or the path of a DeepSpeed JSON config ("" or "0": off) (stage 1 or 2, fp32, no optimizer or scheduler
-    section: herllm builds its own). Implied by `accelerate launch --use_deepspeed`, whose
-    config wins. Needs `pip install deepspeed`. No effect on one process."""
+    """On N processes, run the adapters' optimizer under DeepSpeed ZeRO: "1" or "2" (the stage),
+    or the path of a DeepSpeed JSON config (stage 1 or 2, fp32, no optimizer or scheduler
+    section: herllm builds its own); "" or "0" turns it off. Implied by `accelerate launch
+    --use_deepspeed`, whose config wins. Needs `pip install 'herllm[deepspeed]'`. No effect on
+    one process."""
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""The same loop on N processes (HF Accelerate: DDP over gloo or NCCL, or the frozen base sharded
-with FSDP2), and the checks that keep the ranks together.
+"""The same loop on N processes (HF Accelerate: DDP over gloo or NCCL, the frozen base sharded
+with FSDP2, or the adapters' optimizer under DeepSpeed ZeRO-1/2: `herllm.zero`), and the checks
+that keep the ranks together.
 
 What each rank does, and what the ranks share (see docs/scaling.md):
 
@@ -20,7 +21,9 @@ What each rank does, and what the ranks share (see docs/scaling.md):
 - **Update.** The LM loss is per rank; DDP averages the gradients. With `train.fsdp` (or
   `accelerate launch --use_fsdp`) the base weights are sharded instead (`Ranks.shard_model`), the
   adapters stay whole on every rank and their gradients are averaged by `Ranks.sync_grads`;
-  every forward pass is then a collective, so ranks run them in step (`forward_together`). The
+  every forward pass is then a collective, so ranks run them in step (`forward_together`). With
+  `train.deepspeed` (or `accelerate launch --use_deepspeed`) a DeepSpeed engine reduces the
+  gradients into each rank's partition and steps its share of the adapters (`self.zero`). The
   magnitudes that set the penalty weights and the stability signals are averaged over ranks, so
   protection state stays identical everywhere.
 - **Writes.** Rank 0 writes checkpoints, the ledger, metrics, events and the report. Each
