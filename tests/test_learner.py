@@ -22,6 +22,33 @@ def make_cfg(tmp_path, model_dir, *extra):
                                "train.warmup_steps=1", *extra])  # fmt: skip
 
 
+def test_nonfinite_gradient_is_skipped_even_without_clipping(tmp_path, tiny_model_dir):
+    """A NaN gradient under a finite loss is caught before the step with train.grad_clip=0 too:
+    it used to reach AdamW, whose moments then stayed NaN, so every later step was lost."""
+    learner = Learner(make_cfg(tmp_path, tiny_model_dir, "train.grad_clip=0"), show_progress=False)
+    first = learner.s.trainable[0]
+    real_update, calls = learner.update, {"n": 0}
+
+    def update(*args):
+        calls["n"] += 1
+        if calls["n"] != 3:
+            return real_update(*args)
+        hook = first.register_hook(lambda g: g * float("nan"))
+        try:
+            return real_update(*args)
+        finally:
+            hook.remove()
+
+    learner.update = update
+    summary = learner.run()
+    assert summary.nonfinite_skipped == 1 and summary.steps > 10
+    assert all(torch.isfinite(p).all() for p in learner.s.trainable)
+    moments = [v for st in learner.s.optimizer.state.values() for v in st.values()]
+    assert moments and all(torch.isfinite(v).all() for v in moments)
+    name = next(iter(summary.eval_first))
+    assert summary.eval_last[name] < summary.eval_first[name]
+
+
 def test_learning_lowers_heldout_loss(tmp_path, tiny_model_dir):
     summary = Learner(make_cfg(tmp_path, tiny_model_dir), show_progress=False).run()
     name = next(iter(summary.eval_first))

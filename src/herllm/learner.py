@@ -246,11 +246,11 @@ class Learner:
             if not s.optimizer.grads_finite():
                 s.optimizer.discard()
                 return self.skip_nonfinite(math.inf)
-        elif self.cfg.train.grad_clip > 0:
+        else:  # clip (max_norm inf: the norm alone, so that NaN never reaches Adam's moments)
             clip = (
                 torch.nn.utils.clip_grad_norm_ if s.ranks.sharded else s.accelerator.clip_grad_norm_
             )
-            norm = clip(s.trainable, self.cfg.train.grad_clip)
+            norm = clip(s.trainable, self.cfg.train.grad_clip or math.inf)
             if not torch.isfinite(torch.as_tensor(norm)):
                 s.optimizer.zero_grad(set_to_none=True)
                 return self.skip_nonfinite(float(norm))
