@@ -193,13 +193,26 @@ def test_deepspeed_config_is_read_checked_and_completed(tmp_path):
         "stage 0.*DDP": {"zero_optimization": {"stage": 0}},
         "bf16.*fp32": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}},
         "offload_optimizer to cpu": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
-        "sets a optimizer.*builds its own": {"zero_optimization": {"stage": 1}, "optimizer": {"type": "Adam"}},
+        "optimizer parameters \\['lr'\\].*builds its own": {"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "eps": "auto"}}},
+        "optimizer type SGD": {"zero_optimization": {"stage": 1}, "optimizer": {"type": "SGD"}},
+        "scheduler type WarmupDecayLR": {"zero_optimization": {"stage": 1}, "scheduler": {"type": "WarmupDecayLR", "params": {}}},
         "gradient_accumulation_steps=4": {"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 4},
     }  # fmt: skip
     for match, user in refused.items():
         with pytest.raises(UserError, match=match) as err:
             zero_config(user, "in the Accelerate DeepSpeed config", 4, 1.0)
         assert "\n" not in str(err.value)
+    # Accelerate's usual DeepSpeed config file: every value it leaves to the script is "auto"
+    hf = {"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"},
+          "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+          "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}},
+          "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none", "nvme_path": None},
+                                "overlap_comm": True, "reduce_bucket_size": "auto"},
+          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+          "train_micro_batch_size_per_gpu": "auto"}  # fmt: skip
+    cfg = zero_config(hf, "in the Accelerate DeepSpeed config", 4, 1.0)
+    assert "optimizer" not in cfg and "scheduler" not in cfg  # herllm's AdamW and warm-up
+    assert cfg["zero_optimization"]["overlap_comm"] is True and cfg["gradient_clipping"] == 1.0
     for bad in ("4", str(tmp_path / "missing.json")):
         with pytest.raises(UserError, match="neither a ZeRO stage"):
             requested(DistributedType.MULTI_CPU, bad)

@@ -104,12 +104,20 @@ def zero_config(user: dict, where: str, batch_size: int, grad_clip: float) -> di
                 f"DeepSpeed {block} to {device} ({where}) is not supported by herllm (the "
                 "adapters' optimizer state is small); set its device to none"
             )
-    for block in ("optimizer", "scheduler"):
-        if cfg.get(block):
+    # Accelerate's DeepSpeed configs name an optimizer and scheduler whose values are "auto"
+    # ("from the training script"): herllm's AdamW and warm-up are exactly that. Anything else
+    # would be overridden by herllm, so it is refused.
+    for block, kinds in (("optimizer", ("adam", "adamw")), ("scheduler", ("warmuplr",))):
+        section = cfg.pop(block, None) or {}
+        fixed = sorted(k for k, v in (section.get("params") or {}).items() if v != "auto")
+        kind = str(section.get("type", kinds[0]))
+        if section and (fixed or kind.lower() not in kinds):
+            what = f"parameters {fixed}" if fixed else f"type {kind}"
             raise UserError(
-                f"the DeepSpeed config ({where}) sets a {block}, but herllm builds its own "
-                f"(AdamW with train.lr, train.weight_decay and a linear warm-up); remove the "
-                f"{block!r} section"
+                f"the DeepSpeed config ({where}) sets the {block} {what}, but herllm builds its "
+                f"own (AdamW with train.lr and train.weight_decay, a linear warm-up of "
+                f"train.warmup_steps, then constant); set them to auto or remove the "
+                f"{block!r} section, and pass herllm's options instead"
             )
     gas = cfg.get("gradient_accumulation_steps", "auto")
     if gas not in ("auto", 1, "1"):
