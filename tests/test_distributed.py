@@ -132,6 +132,27 @@ def final(run: Path) -> dict:
     }
 
 
+def grow_stop_resume(root: Path, model: Path, run: Path, launch, resume=None) -> dict:
+    """The `her` run of `adapt_argv` launched by `launch`, stopped at step 60 (after the shift
+    grew an adapter at step 56), resumed to the end by `resume` (default: the same launcher)."""
+    argv = adapt_argv(root, model, run, launch) + ["--max-steps", "60"]
+    subprocess.run(argv, env=env(), check=True, timeout=300)
+    assert final(run)["trainer"]["bank"]["current"] == "a001"
+    subprocess.run((resume or launch)("--resume", str(run), "--max-steps", "0"), env=env(),
+                   check=True, timeout=300)  # fmt: skip
+    return final(run)
+
+
+def assert_ends_as(got: dict, ref: dict) -> None:
+    """`got` ended where the uninterrupted run `ref` did, with its counters and weights."""
+    assert got["step"] == ref["step"] and got["cursor"] == ref["cursor"]
+    counters = ref["trainer"]["counters"]
+    assert {k: got["trainer"]["counters"][k] for k in COUNTERS} == {
+        k: counters[k] for k in COUNTERS
+    }
+    assert max_diff(got["weights"], ref["weights"]) < 1e-6
+
+
 def kill_all(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and its workers (torchrun starts each worker in its own session, so
     killing the launcher's process group would leave them running)."""
@@ -413,74 +434,40 @@ def test_two_processes_match_one_and_resume_exactly(stream, tiny_model_dir, tmp_
     assert 0 < first < ref["step"]
     subprocess.run(torchrun("--resume", str(killed)), env=env(), check=True, timeout=300)
     got = final(killed)
-    assert got["step"] == ref["step"]
-    assert {k: got["trainer"]["counters"][k] for k in COUNTERS} == {
-        k: t["counters"][k] for k in COUNTERS
-    }
-    assert got["cursor"] == ref["cursor"]
+    assert_ends_as(got, ref)
     assert [r[:3] for r in got["rows"]] == [r[:3] for r in ref["rows"]]
-    assert max_diff(got["weights"], ref["weights"]) < 1e-6
 
     # Launched by `accelerate launch --multi_gpu` (the same DDP run), stopped after the shift
     # grew an adapter (step 56), resumed by torchrun: the bank, both adapters and a DDP wrapper
     # over the new one come back; the run ends as the uninterrupted one did.
-    paused = tmp_path / "paused"
-    argv = adapt_argv(stream, tiny_model_dir, paused, accelerate_launch("--multi_gpu"))
-    argv += ["--max-steps", "60"]
-    subprocess.run(argv, env=env(), check=True, timeout=300)
-    assert final(paused)["trainer"]["bank"]["current"] == "a001"
-    subprocess.run(torchrun("--resume", str(paused), "--max-steps", "0"), env=env(), check=True,
-                   timeout=300)  # fmt: skip
-    got = final(paused)
-    assert got["step"] == ref["step"] and got["cursor"] == ref["cursor"]
-    assert {k: got["trainer"]["counters"][k] for k in COUNTERS} == {
-        k: t["counters"][k] for k in COUNTERS
-    }
-    assert max_diff(got["weights"], ref["weights"]) < 1e-6
+    ddp = accelerate_launch("--multi_gpu")
+    got = grow_stop_resume(stream, tiny_model_dir, tmp_path / "paused", ddp, torchrun)
+    assert_ends_as(got, ref)
 
     # The same run under `accelerate launch --use_fsdp`: herllm shards the frozen base with FSDP2
     # (the adapters whole on each rank, their gradients averaged like DDP's); stopped after the
     # growth and resumed the same way. Each rank holds half of the base, and the result is the
     # DDP run's (the same sums in the same order: bit-equal here, checked within 1e-6).
     fsdp = accelerate_launch("--use_fsdp", "--fsdp_version", "2")
-    sharded = tmp_path / "fsdp"
-    argv = adapt_argv(stream, tiny_model_dir, sharded, fsdp) + ["--max-steps", "60"]
-    subprocess.run(argv, env=env(), check=True, timeout=300)
-    subprocess.run(fsdp("--resume", str(sharded), "--max-steps", "0"), env=env(), check=True,
-                   timeout=300)  # fmt: skip
-    got = final(sharded)
+    got = grow_stop_resume(stream, tiny_model_dir, tmp_path / "fsdp", fsdp)
     shares = [r["sharded"] for r in got["trainer"]["ranks"]]
     assert shares[0]["base_params"] == shares[1]["base_params"] > 0
     assert sum(r["local_params"] for r in shares) == shares[0]["base_params"]
     assert max(r["local_params"] for r in shares) <= 0.55 * shares[0]["base_params"]
     assert all(r["sharded"] is None for r in t["ranks"])  # the DDP run held the whole base
-    assert got["step"] == ref["step"] and got["cursor"] == ref["cursor"]
-    assert {k: got["trainer"]["counters"][k] for k in COUNTERS} == {
-        k: t["counters"][k] for k in COUNTERS
-    }
-    assert max_diff(got["weights"], ref["weights"]) < 1e-6
+    assert_ends_as(got, ref)
 
     # The same run under `accelerate launch --use_deepspeed --zero_stage 2`: a DeepSpeed engine
     # holds the adapters' optimizer state partitioned over the ranks (a new engine when the
     # adapter grew); stopped after the growth and resumed the same way. Each rank holds half of
     # the Adam state; gathered into the checkpoint it is AdamW's, and the result is DDP's.
     ds = accelerate_launch("--use_deepspeed", "--zero_stage", "2")
-    zero2 = tmp_path / "zero2"
-    argv = adapt_argv(stream, tiny_model_dir, zero2, ds) + ["--max-steps", "60"]
-    subprocess.run(argv, env=env(), check=True, timeout=300)
-    subprocess.run(
-        ds("--resume", str(zero2), "--max-steps", "0"), env=env(), check=True, timeout=300
-    )
-    got = final(zero2)
+    got = grow_stop_resume(stream, tiny_model_dir, tmp_path / "zero2", ds)
     parts = [r["zero"] for r in got["trainer"]["ranks"]]
     assert [p["stage"] for p in parts] == [2, 2] and parts[0]["trainable_params"] > 0
     assert max(p["local_params"] for p in parts) <= 0.55 * parts[0]["trainable_params"]
     assert all(r["zero"] is None for r in t["ranks"])  # the DDP run's optimizer was whole
-    assert got["step"] == ref["step"] and got["cursor"] == ref["cursor"]
-    assert {k: got["trainer"]["counters"][k] for k in COUNTERS} == {
-        k: t["counters"][k] for k in COUNTERS
-    }
-    assert max_diff(got["weights"], ref["weights"]) < 1e-6
+    assert_ends_as(got, ref)
     adam, ddp_adam = got["trainer"]["optimizer"], t["optimizer"]
     assert adam["state"].keys() == ddp_adam["state"].keys() and adam["state"]
     for i, st in adam["state"].items():

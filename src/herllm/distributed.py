@@ -134,13 +134,12 @@ def fsdp_reshard(plugin, default: bool) -> bool:
 class Ranks:
     """This process's place among the N launched processes, and the collectives the loop uses."""
 
-    def __init__(self, accelerator, train=None) -> None:
+    def __init__(self, accelerator, train) -> None:
+        """`train`: the run's `TrainConfig` (FSDP, DeepSpeed, batch size, clipping)."""
         from accelerate.utils import DistributedType
 
         from herllm import zero
-        from herllm.config import TrainConfig
 
-        train = train if train is not None else TrainConfig()
         check_world_size(accelerator.num_processes)
         self.accelerator = accelerator
         self.world = accelerator.num_processes

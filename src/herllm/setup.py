@@ -200,10 +200,10 @@ class RunState:
     def optimizer_state(self) -> dict | None:
         """The optimizer's state dict on rank 0 (None elsewhere). Every rank calls it: under
         DeepSpeed the state is partitioned and gathering it is a collective."""
-        if self.ranks.zero is not None:
-            state = self.optimizer.state_dict()
-            return state if self.ranks.main else None
-        return self.optimizer.state_dict() if self.ranks.main else None
+        if not self.ranks.main and self.ranks.zero is None:
+            return None
+        state = self.optimizer.state_dict()
+        return state if self.ranks.main else None
 
     def weights_written(self) -> None:
         """The trainable weights were written outside the optimizer (the fall-back above, a

@@ -24,6 +24,7 @@ Stage 3 partitions the parameters themselves and is refused (`zero_config`); FSD
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -59,8 +60,6 @@ def requested(distributed_type, setting: str, plugin=None, env=None) -> tuple[di
     (on GPUs Accelerate's own plugin; on a CPU machine Accelerate's state says multi-CPU, so the
     launcher's `ACCELERATE_DEEPSPEED_*` variables are read into a plugin here) wins over
     `train.deepspeed`; None when neither asks."""
-    import os
-
     from accelerate.utils import DeepSpeedPlugin, DistributedType
 
     env = os.environ if env is None else env
