@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from herllm.config import LoraConfig, ModelConfig
-from herllm.models import attach_lora, load_base
+from herllm.models.load import attach_lora, load_base
 from herllm.update import regularizers as r
 
 

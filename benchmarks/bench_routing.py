@@ -21,11 +21,11 @@ import time
 
 import numpy as np
 
+from herllm.acquire.corpus import DOMAINS, load_documents
+from herllm.bench.suite import pack_batches
 from herllm.config import ExpandConfig, build_config
-from herllm.data import DOMAINS, load_documents
 from herllm.evaluate import metrics as M
-from herllm.evaluate.suite import pack_batches
-from herllm.models import attach_lora, load_base
+from herllm.models.load import attach_lora, load_base
 from herllm.update.adapters import BASE, AdapterBank, RoutingKey, base_reps
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from herllm.bench_data import cut_to_budget
+from herllm.acquire.corpus import load_documents
+from herllm.bench.data import cut_to_budget
 from herllm.config import build_config
-from herllm.data import load_documents
-from herllm.models import load_base
+from herllm.models.load import load_base
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ import numpy as np
 def run_order(args, data, order: list[str], k: int) -> dict:
     from herllm.config import build_config
     from herllm.evaluate.detection import match_events
-    from herllm.learner import Learner
     from herllm.memory.ledger import read_ledger
+    from herllm.run.learner import Learner
     from herllm.strategies import strategy_overrides
 
     run = Path(args.out).with_suffix("") / f"{args.strategy}-order{k}"
@@ -61,8 +61,8 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
     args = p.parse_args()
-    from herllm.bench import BenchConfig, domain_orders
-    from herllm.bench_data import load_bench_data
+    from herllm.bench.data import load_bench_data
+    from herllm.bench.runner import BenchConfig, domain_orders
     from herllm.cli import tune_malloc
 
     tune_malloc()

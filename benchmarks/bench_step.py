@@ -27,7 +27,7 @@ TARGET_CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4
 
 def model_dir(tmp: Path) -> Path:
     """The bundled base model if present, else the same architecture with random weights."""
-    from herllm.models import BUNDLED
+    from herllm.models.load import BUNDLED
 
     if (BUNDLED["herllm-tiny"] / "config.json").is_file():
         return BUNDLED["herllm-tiny"]
@@ -39,7 +39,7 @@ def model_dir(tmp: Path) -> Path:
 
 def make_learner(path: Path, tmp: Path, batch: int, seq: int, r: int):
     from herllm.config import build_config
-    from herllm.learner import Learner
+    from herllm.run.learner import Learner
 
     (tmp / "stream.txt").write_text("bench " * 100)
     cfg = build_config(None, [f"model.name_or_path={path}", f"run_dir={tmp / 'run'}", f"stream.sources=[{tmp / 'stream.txt'}]",

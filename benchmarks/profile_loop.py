@@ -14,11 +14,11 @@ import pstats
 import tempfile
 from pathlib import Path
 
-from herllm.bench_data import cut_to_budget
+from herllm.acquire.corpus import load_documents
+from herllm.bench.data import cut_to_budget
 from herllm.config import build_config
-from herllm.data import load_documents
-from herllm.learner import Learner
-from herllm.models import load_base
+from herllm.models.load import load_base
+from herllm.run.learner import Learner
 from herllm.strategies import strategy_overrides
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from herllm import data
+from herllm.acquire import corpus as data
 from herllm.evaluate.probes import probe_accuracy
 
 SEQ = 256

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from herllm.pretrain import PretrainConfig, build_model, export
-from herllm.pretrain_ckpt import latest_checkpoint
-from herllm.tokenizer import load_tokenizer
+from herllm.models.pretrain import PretrainConfig, build_model, export
+from herllm.models.pretrain_ckpt import latest_checkpoint
+from herllm.models.tokenizer import load_tokenizer
 
 ASSET = Path("src/herllm/assets/herllm-tiny")
 REFERENCE = Path("tests/bundled_model_reference.json")

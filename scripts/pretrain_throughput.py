@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from herllm.pretrain import PretrainConfig, _loss, build_model, make_optimizer
+from herllm.models.pretrain import PretrainConfig, _loss, build_model, make_optimizer
 
 
 def measure(seq_len: int, batch_size: int, steps: int = 6) -> float:

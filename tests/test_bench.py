@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from herllm.bench import BenchConfig, domain_orders, run_bench
+from herllm.bench.runner import BenchConfig, domain_orders, run_bench
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def test_domain_orders_are_distinct_permutations():
 
 
 def test_joint_file_token_count_survives_a_rerun(tmp_path):
-    from herllm.bench_data import BenchData
+    from herllm.bench.data import BenchData
 
     files = {}
     for d in ("a", "b"):

@@ -121,7 +121,7 @@ def test_adapt_writes_run_dir_and_resume_continues(tmp_path, tiny_model_dir, cap
     assert "## Held-out loss" in report and (run / "report" / "heldout.png").stat().st_size > 1000
     code, out, err = run_cli(capsys, "adapt", "--resume", str(run), "--max-steps", "5", "--quiet")
     assert code == 0, err
-    from herllm.checkpoint import list_checkpoints
+    from herllm.atomic import list_checkpoints
 
     assert [s for s, _ in list_checkpoints(run / "checkpoints")][-1] == 5
     code, _out, err = run_cli(

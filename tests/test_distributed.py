@@ -22,11 +22,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from herllm.checkpoint import list_checkpoints
+from herllm.atomic import list_checkpoints
 from herllm.config import build_config
-from herllm.distributed import check_world_size, fsdp_reshard
 from herllm.errors import UserError
-from herllm.learner import Learner
+from herllm.parallel.ranks import check_world_size, fsdp_reshard
+from herllm.run.learner import Learner
 from herllm.strategies import strategy_overrides
 
 SEQ = 32
@@ -185,7 +185,7 @@ def test_world_size_mismatch_is_a_user_error():
 def test_deepspeed_config_is_read_checked_and_completed(tmp_path):
     from accelerate.utils import DistributedType
 
-    from herllm.zero import requested, zero_config
+    from herllm.parallel.zero import requested, zero_config
 
     for off in ("", "0", "off"):  # nobody asked (or a resume turns it off): DDP
         assert requested(DistributedType.MULTI_CPU, off) is None
@@ -269,7 +269,7 @@ def test_mixed_precision_and_two_engines_are_refused(monkeypatch):
     from accelerate.utils import DistributedType
 
     from herllm.config import TrainConfig
-    from herllm.distributed import Ranks
+    from herllm.parallel.ranks import Ranks
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
@@ -297,9 +297,9 @@ def test_mixed_precision_and_two_engines_are_refused(monkeypatch):
 
 
 POISON = """import sys
-import herllm.learner
+import herllm.run.learner
 from herllm.cli import main
-real, done = herllm.learner.Learner.update, []
+real, done = herllm.run.learner.Learner.update, []
 def update(self, new, replay, general):
     # once, at step 5, rank 1's gradient of one adapter tensor turns NaN (the loss stays finite)
     if self.s.step == 5 and self.s.ranks.rank == 1 and not done:
@@ -310,7 +310,7 @@ def update(self, new, replay, general):
         finally:
             hook.remove()
     return real(self, new, replay, general)
-herllm.learner.Learner.update = update
+herllm.run.learner.Learner.update = update
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -354,11 +354,11 @@ def test_deepspeed_zero1_with_si_and_a_nonfinite_gradient_matches_ddp(
 
 
 MISLAUNCH = """import sys
-import herllm.setup
+import herllm.run.state
 from herllm.cli import main
-real = herllm.setup.Accelerator
+real = herllm.run.state.Accelerator
 # The mis-launch: an Accelerator not told it runs on CPU gives each torchrun worker a world of 1.
-herllm.setup.Accelerator = lambda **kw: real(**{**kw, "cpu": False})
+herllm.run.state.Accelerator = lambda **kw: real(**{**kw, "cpu": False})
 sys.exit(main(sys.argv[1:]))
 """
 

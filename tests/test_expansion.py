@@ -8,10 +8,10 @@ import torch
 
 from herllm.cli import main
 from herllm.config import build_config
-from herllm.inference import AdaptedModel
-from herllm.learner import Learner
+from herllm.infer.adapted import AdaptedModel
 from herllm.memory.ledger import read_ledger
-from herllm.setup import adapter_state
+from herllm.run.learner import Learner
+from herllm.run.state import adapter_state
 from herllm.strategies import strategy_overrides
 
 pytestmark = pytest.mark.slow

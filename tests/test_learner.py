@@ -8,7 +8,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from herllm.config import build_config
-from herllm.learner import Learner, NonFiniteLossError
+from herllm.run.learner import Learner, NonFiniteLossError
 
 
 def make_cfg(tmp_path, model_dir, *extra):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from herllm.checkpoint import list_checkpoints
+from herllm.atomic import list_checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import pytest
 from herllm.acquire.chunks import Packer
 from herllm.acquire.sources import Document
 from herllm.config import build_config
-from herllm.learner import Learner
 from herllm.memory.ledger import read_ledger
-from herllm.models import BUNDLED
+from herllm.models.load import BUNDLED
+from herllm.run.learner import Learner
 
 pytestmark = [
     pytest.mark.slow,
@@ -21,7 +21,7 @@ WINDOWS = 240  # per domain: warm-up (100) + room to detect + room for false ala
 
 
 def domain_file(tmp_path, domain, tokenizer):
-    from herllm.data import load_documents
+    from herllm.acquire.corpus import load_documents
 
     docs, tokens = [], 0
     for doc in load_documents(domain, "train"):

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
 
-    from herllm.bench import BenchConfig
+    from herllm.bench.runner import BenchConfig
 
     bench = sub.add_parser(
         "bench", help="benchmark strategies on a domain stream; writes results + report"
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
 
-    from herllm.pretrain import PretrainConfig
+    from herllm.models.pretrain import PretrainConfig
 
     pre = sub.add_parser("pretrain", help="pretrain a small Llama base model from scratch")
     pre.add_argument(
@@ -206,7 +206,7 @@ def _version() -> str:
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     from herllm.config import build_config
-    from herllm.learner import Learner
+    from herllm.run.learner import Learner
 
     overrides = overrides_from_args(args) + list(args.set)
     if args.strategy:
@@ -286,9 +286,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from herllm.bench import BenchConfig, run_bench
+    from herllm.bench.report import render_report
+    from herllm.bench.runner import BenchConfig, run_bench
     from herllm.config import apply_overrides, from_dict
-    from herllm.evaluate.report import render_report
 
     bc = from_dict(BenchConfig, apply_overrides({}, overrides_from_args(args)))
     import shlex
@@ -307,7 +307,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from herllm.evaluate.report import report_main
+    from herllm.bench.report import report_main
 
     return report_main(args.results_dir)
 
@@ -353,7 +353,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from herllm.units import rollback
+    from herllm.run.units import rollback
 
     path = rollback(args.run, args.to)
     print(
@@ -363,7 +363,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from herllm.inference import AdaptedModel
+    from herllm.infer.adapted import AdaptedModel
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
@@ -377,7 +377,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from herllm.config import apply_overrides, from_dict
-    from herllm.pretrain import PretrainConfig, run_pretrain
+    from herllm.models.pretrain import PretrainConfig, run_pretrain
 
     cfg = from_dict(PretrainConfig, apply_overrides({}, overrides_from_args(args)))
     out = run_pretrain(cfg, resume=args.resume)
@@ -388,7 +388,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def check_single_process(command: str, env: dict | None = None) -> None:
     """Only `adapt` runs on N processes; N copies of any other command would each do the whole
     job and write the same files."""
-    from herllm.distributed import launched_processes
+    from herllm.parallel.ranks import launched_processes
 
     var, launched = launched_processes(env)
     if launched > 1:

@@ -25,7 +25,7 @@ def write_domain_file(path: Path, docs: list[str], max_chars: int) -> None:
 
 
 def build_demo_stream(root: Path, train_chars: int, test_chars: int) -> tuple[list[str], list[str]]:
-    from herllm.data import load_documents
+    from herllm.acquire.corpus import load_documents
 
     stream, heldout = root / "stream", root / "heldout"
     for d in (stream, heldout):
@@ -46,7 +46,7 @@ def run_demo(
 ):
     """Build the demo stream under `root`, adapt the bundled model on it, return the summary."""
     from herllm.config import build_config
-    from herllm.learner import Learner
+    from herllm.run.learner import Learner
 
     root_path = Path(root)
     data_dir, run_dir = root_path / "demo-data", root_path / "demo"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from herllm import data
+from herllm.acquire import corpus as data
 
 ALL = (*data.DOMAINS, data.GENERAL)
 
@@ -127,4 +127,4 @@ def test_unknown_domain_and_split_are_one_line_errors():
 def test_corpus_dir_inside_package():
     assert data.corpus_dir().name == "her-stream"
     assert (data.corpus_dir() / "LICENSES.md").exists()
-    assert sys.modules["herllm.data"].__file__
+    assert sys.modules["herllm.acquire.corpus"].__file__

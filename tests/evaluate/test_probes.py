@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from herllm.evaluate.probes import _encode, choice_logprobs, probe_accuracy
-from herllm.tokenizer import train_tokenizer
+from herllm.models.tokenizer import train_tokenizer
 
 FACTS = [
     "the capital of france is paris",

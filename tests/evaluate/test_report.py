@@ -1,4 +1,4 @@
-"""Tests for herllm.evaluate.report on a small synthetic results.json.
+"""Tests for herllm.bench.report on a small synthetic results.json.
 
 All figures below are TEST DATA made up for these tests (two domains "alpha" and
 "beta", strategies naive + joint + a not-implemented lwf, two seeds each); they
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from herllm.bench.report import render_report, report_main
 from herllm.errors import UserError
-from herllm.evaluate.report import render_report, report_main
 
 PLOTS = ["heatmaps", "loss_over_time", "forgetting_plasticity", "cost_vs_quality", "stability_gap"]
 
@@ -290,7 +290,7 @@ def test_report_renders_in_headless_chromium(rendered, tmp_path):
 
 
 def test_her_targets_say_met_or_by_how_much_they_are_missed():
-    from herllm.evaluate.targets import target_rows
+    from herllm.bench.targets import target_rows
 
     def st(**kw):
         return {k: (v, 0.0, 3) for k, v in kw.items()}

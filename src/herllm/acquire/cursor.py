@@ -3,7 +3,7 @@
 The cursor is the start of the next unread window. It is written inside every checkpoint, so a
 resumed run skips exactly the windows the checkpoint had consumed: nothing lost, nothing twice.
 A run on N processes writes one position per rank (each rank reads its own shard of documents,
-see herllm.distributed) and the `Sharding` that deals the documents to the ranks.
+see herllm.parallel.ranks) and the `Sharding` that deals the documents to the ranks.
 """
 
 from __future__ import annotations

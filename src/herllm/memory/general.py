@@ -20,7 +20,7 @@ class GeneralSampler:
         if sources:
             docs = [d.text for d in read_documents(sources, ["*"], [], "error")]
         else:
-            from herllm.data import load_documents
+            from herllm.acquire.corpus import load_documents
 
             docs = load_documents("general", "train")
         random.Random(seed).shuffle(

@@ -74,7 +74,7 @@ def _zero(model: nn.Module) -> Tensor:
     params = trainable_params(model)
     if not params:
         raise ValueError(
-            "model has no trainable parameters; attach LoRA adapters (herllm.models) first"
+            "model has no trainable parameters; attach LoRA adapters (herllm.models.load) first"
         )
     return torch.zeros((), device=next(iter(params.values())).device)
 

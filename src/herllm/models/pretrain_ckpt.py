@@ -1,6 +1,6 @@
 """Atomic pretraining checkpoints: model, optimizer, RNG and data position in one directory.
 
-The write protocol is the learner's (``herllm.checkpoint``): a temporary directory, every file
+The write protocol is the learner's (``herllm.atomic``): a temporary directory, every file
 fsynced, an atomic rename to ``step-N``, the parent fsynced. A crash therefore leaves either
 the old set of checkpoints or the old set plus one complete new one.
 """
@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from herllm import checkpoint as ckpt
+from herllm import atomic as ckpt
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
                     history: list[dict], keep: int = 2) -> Path:  # fmt: skip
-    """Write ``root/step-N`` atomically (see herllm.checkpoint); delete all but the newest ``keep``."""
+    """Write ``root/step-N`` atomically (see herllm.atomic); delete all but the newest ``keep``."""
     tmp = ckpt.begin(root, step)
     # tied embeddings share storage: safetensors refuses shared tensors, so store clones
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}

@@ -64,7 +64,7 @@ class ProbeItem:
 
 def corpus_dir() -> Path:
     """Directory holding the bundled corpus (``herllm/assets/her-stream``)."""
-    return Path(__file__).resolve().parent / "assets" / "her-stream"
+    return Path(__file__).resolve().parents[1] / "assets" / "her-stream"
 
 
 def _check_domain(domain: str, allow_general: bool = True) -> None:

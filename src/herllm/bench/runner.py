@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from herllm import __version__
-from herllm.bench_data import BenchData, load_bench_data
+from herllm.bench.data import BenchData, load_bench_data
+from herllm.bench.suite import finite_or_none, intrinsic_signals
 from herllm.config import build_config
 from herllm.errors import UserError
 from herllm.evaluate import metrics as M
 from herllm.evaluate.cost import Meter, measure_matmul_peak, peak_rss_mb, train_flops_per_token
 from herllm.evaluate.routing import routing_figures
-from herllm.evaluate.suite import finite_or_none, intrinsic_signals
 from herllm.strategies import STRATEGIES, strategy_overrides
 
 REFERENCE = ("base", "joint")
@@ -161,7 +161,7 @@ class Sequence:
     def make_learner(self):
         import shutil
 
-        from herllm.learner import Learner
+        from herllm.run.learner import Learner
 
         shutil.rmtree(self.run_dir, ignore_errors=True)
         cfg = build_config(None, [

@@ -1,5 +1,5 @@
 """The same loop on N processes (HF Accelerate: DDP over gloo or NCCL, the frozen base sharded
-with FSDP2, or the adapters' optimizer under DeepSpeed ZeRO-1/2: `herllm.zero`), and the checks
+with FSDP2, or the adapters' optimizer under DeepSpeed ZeRO-1/2: `herllm.parallel.zero`), and the checks
 that keep the ranks together.
 
 What each rank does, and what the ranks share (see docs/scaling.md):
@@ -138,7 +138,7 @@ class Ranks:
         """`train`: the run's `TrainConfig` (FSDP, DeepSpeed, batch size, clipping)."""
         from accelerate.utils import DistributedType
 
-        from herllm import zero
+        from herllm.parallel import zero as zero
 
         check_world_size(accelerator.num_processes)
         self.accelerator = accelerator
@@ -167,7 +167,7 @@ class Ranks:
         ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         asked = zero.requested(accelerator.distributed_type, train.deepspeed, ds_plugin)
         self.zero: dict | None = None
-        """The DeepSpeed ZeRO-1/2 config the adapters' optimizer runs under (`herllm.zero`)."""
+        """The DeepSpeed ZeRO-1/2 config the adapters' optimizer runs under (`herllm.parallel.zero`)."""
         if asked is not None and self.world > 1:
             if self.sharded:
                 raise UserError(
@@ -414,7 +414,7 @@ class Ranks:
         after checking that the ranks hold the same weights and protection state."""
         if self.world == 1:
             return None
-        from herllm import checkpoint as ckpt
+        from herllm import atomic as ckpt
 
         mine = {
             "position": asdict(s.packer.position),

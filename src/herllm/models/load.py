@@ -17,7 +17,7 @@ from herllm.errors import UserError
 # PEFT still reads transformers' deprecated `is_gradient_checkpointing`; nothing for users to do.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-BUNDLED = {"herllm-tiny": Path(__file__).parent / "assets" / "herllm-tiny"}
+BUNDLED = {"herllm-tiny": Path(__file__).parents[1] / "assets" / "herllm-tiny"}
 ADAPTER_NAME = "default"
 
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from herllm.bench import plots as P
+from herllm.bench.targets import target_rows
 from herllm.errors import UserError
 from herllm.evaluate import metrics as M
-from herllm.evaluate import report_plots as P
-from herllm.evaluate.targets import target_rows
 
 # fmt: off
 STRATEGY_ORDER = "base joint naive replay ewc mas si lwf mer olora her".split()

@@ -1,6 +1,6 @@
 """How the bench report looks: figures (matplotlib, Agg), table cells, Markdown/HTML writers.
 
-The numbers come from :mod:`herllm.evaluate.report`; this module only draws and
+The numbers come from :mod:`herllm.bench.report`; this module only draws and
 formats them. No pyplot: figures are plain ``Figure`` objects on an explicit Agg
 canvas, so rendering a report never touches the caller's backend or pyplot state.
 A run here is one entry of ``results.json``'s ``runs`` list with status ``ok``;

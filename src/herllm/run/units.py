@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from herllm import checkpoint as ckpt
+from herllm import atomic as ckpt
 from herllm.errors import UserError
-from herllm.models import ADAPTER_NAME
+from herllm.models.load import ADAPTER_NAME
 from herllm.refine.scoring import mean_nll
 
 
@@ -141,7 +141,7 @@ def save_unit_snapshot(s, unit_id: str) -> None:
     tmp = root / f".tmp-{unit_id}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    from herllm.setup import save_adapters
+    from herllm.run.state import save_adapters
 
     save_adapters(s, tmp / "adapters")
     torch.save({"step": s.step, "optimizer": optimizer, "scheduler": s.scheduler.state_dict(),

@@ -1,7 +1,7 @@
 """Pretrain the bundled tiny Llama base model on the HER-Stream general corpus.
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 \\
-        python -m herllm.pretrain --out build/pretrain [--resume] [--max-tokens N]
+        python -m herllm.models.pretrain --out build/pretrain [--resume] [--max-tokens N]
 
 The loop is flat (nanoGPT style): set lr, evaluate and checkpoint on a cadence,
 forward/backward, clip, step, log. Checkpoints are atomic (temp dir, fsync,
@@ -31,9 +31,9 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from herllm import data
-from herllm.pretrain_ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
-from herllm.tokenizer import load_tokenizer, train_tokenizer
+from herllm.acquire import corpus as data
+from herllm.models.pretrain_ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
+from herllm.models.tokenizer import load_tokenizer, train_tokenizer
 
 
 @dataclass
@@ -317,7 +317,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m herllm.pretrain``: flags generated from :class:`PretrainConfig` fields."""
+    """``python -m herllm.models.pretrain``: flags generated from :class:`PretrainConfig` fields."""
     ap = argparse.ArgumentParser(description="Pretrain the bundled tiny base model.")
     docs = field_docs(PretrainConfig)
     for f in dataclasses.fields(PretrainConfig):

@@ -1,6 +1,6 @@
 """Query a run: the base model plus the run's adapters, routed per input (no task id).
 
-    from herllm.inference import AdaptedModel
+    from herllm.infer.adapted import AdaptedModel
     m = AdaptedModel.from_run("runs/my-run")
     m.generate("def parse(", max_new_tokens=40)       # routed to the unit the prompt belongs to
     m.generate("Call me", adapter="a001")             # one adapter forced (or "base")
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from herllm import checkpoint as ckpt
+from herllm import atomic as ckpt
 from herllm.acquire.chunks import window_batches
 from herllm.config import build_config
 from herllm.errors import UserError
-from herllm.models import ADAPTER_NAME, attach_lora, load_base
+from herllm.models.load import ADAPTER_NAME, attach_lora, load_base
 from herllm.update import adapters as ad
 
 
@@ -45,7 +45,7 @@ class AdaptedModel:
     @classmethod
     def from_run(cls, run_dir: str | Path, step: int | None = None) -> AdaptedModel:
         """Load the newest checkpoint of `run_dir` (or the one at `step`)."""
-        from herllm.setup import load_adapters
+        from herllm.run.state import load_adapters
 
         run = Path(run_dir)
         if not (run / "config.yaml").is_file():

@@ -2,8 +2,8 @@
 checkpoint -> evaluate.
 
 `Learner.run` is the whole loop and reads top to bottom; each phase is a named helper below it.
-Set-up (model, stream, buffer, protection, resume) lives in `herllm.setup`, knowledge-unit
-bookkeeping in `herllm.units`, so this file is only the loop.
+Set-up (model, stream, buffer, protection, resume) lives in `herllm.run.state`, knowledge-unit
+bookkeeping in `herllm.run.units`, so this file is only the loop.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 from herllm.acquire.chunks import Experience, to_batch
 from herllm.config import RunConfig
 from herllm.memory.replay import BufferItem
-from herllm.progress import LoopProgress
 from herllm.refine.scoring import Scores, sample_nll, score_batch
-from herllm.setup import RunState, build_state, load_checkpoint, save_checkpoint
-from herllm.units import close_unit, earlier_units_loss, open_first_unit
+from herllm.run.progress import LoopProgress
+from herllm.run.state import RunState, build_state, load_checkpoint, save_checkpoint
+from herllm.run.units import close_unit, earlier_units_loss, open_first_unit
 from herllm.update.adapters import orthogonality
 
 

@@ -60,6 +60,6 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     path = Path(path)
     if not (path / "tokenizer.json").exists():
         raise ValueError(
-            f"no tokenizer.json in {path}; train one with herllm.tokenizer.train_tokenizer"
+            f"no tokenizer.json in {path}; train one with herllm.models.tokenizer.train_tokenizer"
         )
     return PreTrainedTokenizerFast.from_pretrained(path)

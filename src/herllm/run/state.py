@@ -2,7 +2,7 @@
 
 The learner's loop only reads and advances a `RunState`; this module turns config into plain
 objects (model, optimizer, stream, buffer, selector) and implements the checkpoint protocol of
-`herllm.checkpoint` around them.
+`herllm.atomic` around them.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from accelerate import Accelerator
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from herllm import checkpoint as ckpt
+from herllm import atomic as ckpt
 from herllm.acquire.chunks import Experience, Packer, StreamPosition, padded_experience, to_batch
 from herllm.acquire.sources import SourceStats, read_documents
 from herllm.config import RunConfig, save_yaml
-from herllm.distributed import Ranks
 from herllm.errors import UserError
 from herllm.memory.general import GeneralSampler
 from herllm.memory.ledger import Ledger, count_lines, truncate_lines
 from herllm.memory.replay import ReplayBuffer
-from herllm.models import ADAPTER_NAME, attach_lora, load_base
+from herllm.models.load import ADAPTER_NAME, attach_lora, load_base
+from herllm.parallel.ranks import Ranks
 from herllm.refine.select import build_selector
 from herllm.refine.shift import ShiftDetector
 from herllm.update import adapters as ad
@@ -127,7 +127,7 @@ class RunState:
 
     def unit_batches(self) -> list[dict]:
         """A uniform sample of the current knowledge unit, as batches (for consolidation)."""
-        from herllm.units import reservoir_batches
+        from herllm.run.units import reservoir_batches
 
         if self.ledger.current is None:
             return []
@@ -162,7 +162,7 @@ class RunState:
 
     def unit_key(self, unit_id: str, reservoir) -> ad.RoutingKey | None:
         """Routing key of a unit from its reservoir windows (None with too few of them)."""
-        from herllm.inference import fit_unit_key
+        from herllm.infer.adapted import fit_unit_key
 
         return fit_unit_key(self.model, reservoir, unit_id, self.bank.current, self.cfg.stream.seq_len,
                             self.packer.pad_id, self.accelerator.device)  # fmt: skip
@@ -323,9 +323,9 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
 
 
 def zero_optimizer(cfg: RunConfig, model, optimizer, config: dict):
-    """`optimizer` inside a DeepSpeed ZeRO-1/2 engine (`herllm.zero`); SI reads each step's
+    """`optimizer` inside a DeepSpeed ZeRO-1/2 engine (`herllm.parallel.zero`); SI reads each step's
     whole gradient, so it is gathered only when SI runs."""
-    from herllm.zero import ZeroOptimizer
+    from herllm.parallel.zero import ZeroOptimizer
 
     return ZeroOptimizer(model, optimizer, config, keep_grads="si" in cfg.protect.regularizers)
 

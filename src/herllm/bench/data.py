@@ -1,6 +1,6 @@
 """Benchmark data: each domain's training text cut to the token budget, and the held-out sets.
 
-Sources: the bundled HER-Stream corpus (`herllm.data`) or a user folder laid out as
+Sources: the bundled HER-Stream corpus (`herllm.acquire.corpus`) or a user folder laid out as
 `DIR/<domain>/{train,test}.txt` (documents separated by lines holding only U+001E; a file
 without separators is one document) with an optional `probes.jsonl` per domain.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from herllm.acquire.sources import split_records
+from herllm.bench.suite import EvalSuite, pack_batches
 from herllm.errors import UserError
-from herllm.evaluate.suite import EvalSuite, pack_batches
 
 
 @dataclass
@@ -41,7 +41,7 @@ class BenchData:
 
 def _read_docs(domain: str, split: str, stream_dir: str) -> list[str]:
     if not stream_dir:
-        from herllm.data import load_documents
+        from herllm.acquire.corpus import load_documents
 
         return load_documents(domain, split)
     path = Path(stream_dir) / domain / f"{split}.txt"
@@ -53,12 +53,12 @@ def _read_docs(domain: str, split: str, stream_dir: str) -> list[str]:
 
 
 def _read_probes(domain: str, stream_dir: str, n: int) -> list:
-    from herllm.data import ProbeItem
+    from herllm.acquire.corpus import ProbeItem
 
     if n <= 0:
         return []
     if not stream_dir:
-        from herllm.data import load_probes
+        from herllm.acquire.corpus import load_probes
 
         items = load_probes(domain)
     else:
@@ -98,9 +98,9 @@ def cut_to_budget(docs: list[str], tokenizer, budget: int) -> tuple[list[str], i
 
 
 def load_bench_data(bc, root: Path) -> BenchData:
+    from herllm.acquire.corpus import DOMAINS
     from herllm.config import ModelConfig
-    from herllm.data import DOMAINS
-    from herllm.models import load_base
+    from herllm.models.load import load_base
 
     if bc.stream_dir and not Path(bc.stream_dir).is_dir():
         raise UserError(f"--stream-dir {bc.stream_dir} is not a directory")
