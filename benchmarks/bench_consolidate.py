@@ -19,7 +19,7 @@ import torch
 
 from herllm.config import LoraConfig, ModelConfig
 from herllm.models.load import attach_lora, load_base
-from herllm.update import regularizers as r
+from herllm.update import importance as r
 
 
 def main() -> None:

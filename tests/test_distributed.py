@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from herllm.atomic import list_checkpoints
 from herllm.config import build_config
 from herllm.errors import UserError
-from herllm.parallel.ranks import check_world_size, fsdp_reshard
+from herllm.parallel.launch import check_world_size, fsdp_reshard
 from herllm.run.learner import Learner
 from herllm.strategies import strategy_overrides
 

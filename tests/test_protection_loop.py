@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from herllm.cli import main
 from herllm.config import build_config
 from herllm.memory.ledger import read_ledger, unit_table
+from herllm.run.adapters_io import adapter_state
 from herllm.run.learner import Learner
-from herllm.run.state import adapter_state
 from herllm.strategies import STRATEGIES, strategy_overrides
 
 pytestmark = pytest.mark.slow

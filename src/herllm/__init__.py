@@ -9,11 +9,13 @@ __version__ = "0.1.0"
 
 from herllm.config import RunConfig, build_config  # noqa: E402
 from herllm.errors import UserError  # noqa: E402
+from herllm.infer.adapted import AdaptedModel  # noqa: E402
 from herllm.run.learner import Learner, Summary  # noqa: E402
 
 LearnerConfig = RunConfig
 
 __all__ = [
+    "AdaptedModel",
     "Learner",
     "LearnerConfig",
     "RunConfig",

@@ -272,7 +272,7 @@ def test_ewc_rejects_batches_without_labels(setup):
 def test_batched_per_sample_gradients_equal_the_per_sample_loop(name):
     """One batched pass (LoRA Linear weights) gives the importances of one pass per sample, with
     right padding and a sample with no labelled token in the batch."""
-    from herllm.update import regularizers as r
+    from herllm.update import importance as r
 
     model = tiny_lora_llama(seed=0)
     with torch.no_grad():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from herllm.acquire.sources import Document
+from herllm.acquire.sources import WAIT, Document
 from herllm.errors import UserError
 
 
@@ -88,13 +88,22 @@ class Packer:
         (a checkpoint of N processes re-dealt to M, see `herllm.acquire.cursor.Sharding`)."""
 
     def windows(self, docs: Iterator[Document]) -> Iterator[Experience]:
-        """Yield windows; `self.position` is always the start of the next window."""
+        """Yield windows; `self.position` is always the start of the next window. A followed
+        source's `WAIT` (nothing new yet) flushes the part-filled window and is passed on."""
         start = self.position
         ids: list[int] = []
         mask: list[bool] = []
         # Where each buffered token came from: (doc_index, doc_id, offset of ids[0]) per doc piece.
         pieces: list[tuple[int, str, int, int]] = []  # (doc_index, doc_id, offset, buffer start)
-        for index, doc in enumerate(docs):
+        index = -1
+        for doc in docs:
+            if doc is WAIT:  # a followed source has nothing new now: what is buffered is learned
+                if ids:
+                    yield self._emit(ids, mask, pieces, len(ids))
+                    ids, mask, pieces = [], [], []
+                yield WAIT
+                continue
+            index += 1
             if index < start.doc_index:
                 continue  # already consumed before the resume point: never tokenized again
             skip, expected = self.offsets.get(index, (0, None))

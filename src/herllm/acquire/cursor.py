@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from herllm.acquire.chunks import StreamPosition
+from herllm.acquire.sources import WAIT
 from herllm.errors import UserError
 
 
@@ -64,7 +65,12 @@ class Sharding:
         """This rank's documents from the whole stream `docs`."""
         done = set(self.done)
         j = 0
-        for g, doc in enumerate(docs):
+        g = -1
+        for doc in docs:
+            if doc is WAIT:  # a followed source has nothing new now
+                yield doc
+                continue
+            g += 1
             if g < self.base or g in done:
                 continue
             if j % self.world == rank:

@@ -29,6 +29,16 @@ RECORD_SEP = "\x1e"
 JSONL_SUFFIXES = (".jsonl",)
 
 
+class _Wait:
+    def __repr__(self) -> str:
+        return "WAIT"
+
+
+WAIT = _Wait()
+"""What a followed source (`acquire.follow`) yields when it has no new document now: a stream
+can say "nothing yet" as well as end."""
+
+
 class BadInputError(UserError):
     """Input the user fed in that cannot be read; the message names the file/line and the fix."""
 

@@ -21,9 +21,9 @@ from herllm.bench import plots as P
 from herllm.bench.targets import target_rows
 from herllm.errors import UserError
 from herllm.evaluate import metrics as M
+from herllm.strategies import strategy_order
 
 # fmt: off
-STRATEGY_ORDER = "base joint naive replay ewc mas si lwf mer olora her".split()
 STATUSES = ("ok", "not_implemented", "failed")
 CONTENTION_WARN = 0.25  # other processes' CPU-seconds per wall-second: a quarter core skews timings
 NAN = float("nan")
@@ -240,7 +240,7 @@ def aggregate(per_run: dict[str, list[dict[str, float]]]) -> dict[str, dict[str,
 
 
 def _order(strategies: Any) -> list[str]:
-    known = [s for s in STRATEGY_ORDER if s in strategies]
+    known = [s for s in strategy_order() if s in strategies]  # registration order
     return known + sorted(set(strategies) - set(known))
 
 

@@ -29,9 +29,7 @@ from herllm.errors import UserError
 from herllm.evaluate import metrics as M
 from herllm.evaluate.cost import Meter, measure_matmul_peak, peak_rss_mb, train_flops_per_token
 from herllm.evaluate.routing import routing_figures
-from herllm.strategies import STRATEGIES, strategy_overrides
-
-REFERENCE = ("base", "joint")
+from herllm.strategies import REFERENCE, STRATEGIES, strategy_overrides
 
 
 @dataclass
@@ -40,7 +38,7 @@ class BenchConfig:
     """Domains in stream order (default: the 8 bundled HER-Stream domains, or every folder of --stream-dir)."""
     stream_dir: str = ""
     """A folder laid out as DIR/<domain>/{train,test}.txt (optional probes.jsonl); empty = bundled corpus."""
-    strategies: list[str] = field(default_factory=lambda: ["base", "joint", *STRATEGIES])
+    strategies: list[str] = field(default_factory=lambda: [*REFERENCE, *STRATEGIES])
     """Strategies to run; `base` and `joint` are the reference rows."""
     orders: int = 3
     """Domain orders (order 0 as given, the others seeded permutations); each is one run per strategy."""

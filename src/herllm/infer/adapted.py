@@ -16,21 +16,11 @@ from pathlib import Path
 import torch
 
 from herllm import atomic as ckpt
-from herllm.acquire.chunks import window_batches
 from herllm.config import build_config
 from herllm.errors import UserError
 from herllm.models.load import ADAPTER_NAME, attach_lora, load_base
+from herllm.run.adapters_io import load_adapters
 from herllm.update import adapters as ad
-
-
-def fit_unit_key(
-    model, reservoir, unit: str, adapter: str, seq_len: int, pad_id: int, device
-) -> ad.RoutingKey | None:
-    """Routing key of a unit from its reservoir windows (token ids, loss mask); None if < 8."""
-    if len(reservoir) < 8:
-        return None
-    batches = window_batches(reservoir, seq_len, pad_id, device)
-    return ad.RoutingKey.fit(unit, adapter, ad.base_reps(model, batches).numpy())
 
 
 class AdaptedModel:
@@ -45,8 +35,6 @@ class AdaptedModel:
     @classmethod
     def from_run(cls, run_dir: str | Path, step: int | None = None) -> AdaptedModel:
         """Load the newest checkpoint of `run_dir` (or the one at `step`)."""
-        from herllm.run.state import load_adapters
-
         run = Path(run_dir)
         if not (run / "config.yaml").is_file():
             raise UserError(
@@ -74,7 +62,7 @@ class AdaptedModel:
             ad.activate(model, bank)
             if current is not None and bank.compose == "route":
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-                open_key = fit_unit_key(model, current["reservoir"], current["id"], bank.current,
+                open_key = ad.fit_unit_key(model, current["reservoir"], current["id"], bank.current,
                                         cfg.stream.seq_len, pad, device)  # fmt: skip
         return cls(model, tokenizer, bank, open_key)
 
@@ -168,4 +156,4 @@ class _BaseOnly:
             return self._model.generate(**kw)
 
 
-__all__ = ["AdaptedModel", "fit_unit_key"]
+__all__ = ["AdaptedModel"]

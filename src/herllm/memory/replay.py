@@ -13,18 +13,13 @@ Design
   everything since the last commit, so reopening gives exactly the state that the
   checkpoint of ``committed_step`` saw, and replaying the same operations gives the
   same samples.
-* Policies:
-    - ``reservoir``: Vitter's algorithm R over every item offered; uniform sampling.
-    - ``priority``: sampling probability proportional to ``(max(score, 0) + eps) ** alpha``
-      (``alpha = 0`` is uniform, larger ``alpha`` is greedier), scores refreshed with
-      :meth:`ReplayBuffer.update_scores`. Admission when full is the same algorithm R
-      draw as ``reservoir`` (so the buffer spans the whole stream: losses fall as the
-      model learns, and "admit only if higher than the minimum" would freeze the buffer
-      on the stream's start); the victim is the row with the LOWEST last score (the
-      best-learned one, least useful to replay), ties to the lowest slot.
-  An in-memory two-level sum/min tree over slots (:class:`_SlotIndex`, numpy) is
-  rebuilt from ``rows`` on open, so sampling and eviction cost a few numpy calls over
-  O(sqrt(capacity)) numbers instead of a scan of the table.
+* Policies (``herllm.memory.policies``, registered by name): every one admits with
+  algorithm R over every item offered, so the buffer spans the whole stream; a policy
+  picks the victim and draws samples. ``reservoir`` replaces algorithm R's slot and draws
+  uniformly; ``priority`` draws proportionally to ``(max(score, 0) + eps) ** alpha``
+  (scores refreshed with :meth:`ReplayBuffer.update_scores`) and replaces the lowest
+  score ("admit only if higher than the minimum" would freeze the buffer on the stream's
+  start). Its in-memory score index is rebuilt from ``rows`` on open.
 * ``readonly=True`` opens the file with ``mode=ro``: it sees only committed rows, never
   writes (``times_replayed`` is not incremented) and draws from its own RNG seeded by
   ``seed`` (give each DDP rank its own seed). :meth:`refresh` picks up newer commits.
@@ -37,14 +32,17 @@ import math
 import os
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-POLICIES = ("reservoir", "priority")
+from herllm.memory.items import BufferItem, BufferRow
+from herllm.memory.policies import PRIORITY_EPS, REPLAY_POLICIES, replay_policy_names
+
+__all__ = ["POLICIES", "PRIORITY_EPS", "BufferItem", "BufferRow", "ReplayBuffer"]
+
+POLICIES = replay_policy_names()  # the built-in ones; the check reads the registry
 SCHEMA_VERSION = 1
-PRIORITY_EPS = 1e-6  # keeps zero-loss rows sampleable
 _COUNTERS = ("offered", "added", "evicted", "sampled", "score_updates")
 _ROW_COLS = (
     "r.slot, r.row_id, r.doc_id, r.offset, r.step_first_seen, r.last_score, r.times_replayed"
@@ -59,101 +57,6 @@ CREATE TABLE IF NOT EXISTS payload (
     slot INTEGER PRIMARY KEY, input_ids BLOB NOT NULL, loss_mask BLOB);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-
-
-@dataclass(frozen=True, eq=False)
-class BufferItem:
-    """One experience offered to the buffer.
-
-    Attributes:
-        doc_id: Stable id of the source document.
-        offset: Token offset of this chunk inside the document.
-        input_ids: Token ids, 1-D, stored as int32.
-        loss_mask: Bool mask of the same length (True = token counts); None = all count.
-    """
-
-    doc_id: str
-    offset: int
-    input_ids: np.ndarray
-    loss_mask: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        ids = np.asarray(self.input_ids)
-        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(
-                f"BufferItem({self.doc_id!r}, {self.offset}): input_ids must be a non-empty "
-                f"1-D integer array, got shape {ids.shape} dtype {ids.dtype}"
-            )
-        object.__setattr__(self, "input_ids", ids.astype(np.int32, copy=False))
-        if self.loss_mask is not None:
-            mask = np.asarray(self.loss_mask, dtype=bool)
-            if mask.shape != ids.shape:
-                raise ValueError(
-                    f"BufferItem({self.doc_id!r}, {self.offset}): loss_mask shape {mask.shape} "
-                    f"must equal input_ids shape {ids.shape}"
-                )
-            object.__setattr__(self, "loss_mask", mask)
-
-
-@dataclass(frozen=True, eq=False, kw_only=True)
-class BufferRow(BufferItem):
-    """A stored experience as returned by :meth:`ReplayBuffer.sample`.
-
-    Attributes:
-        row_id: Unique, never reused id (pass it back to ``update_scores``).
-        step_first_seen: Trainer step at which the row was added.
-        last_score: Latest score (loss) given by ``add`` or ``update_scores``.
-        times_replayed: Times sampled by a writer, this sample included.
-    """
-
-    row_id: int
-    step_first_seen: int
-    last_score: float
-    times_replayed: int
-
-
-class _SlotIndex:
-    """Two-level sum/min tree over slots, for priority sampling and lowest-score eviction.
-
-    Leaves (priority and score per slot) live in blocks of ``block`` ~ sqrt(capacity)
-    slots, with one sum and one min per block. Each operation is a few numpy calls over
-    O(sqrt(capacity)) numbers (about 1k at 1M rows), which beats a binary sum-tree walked
-    level by level in Python at these sizes. Block aggregates are recomputed from their
-    leaves, never updated by deltas, so no floating-point drift accumulates.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.block = max(64, 1 << math.isqrt(capacity).bit_length())
-        n_blocks = -(-capacity // self.block)
-        self.prio = np.zeros(n_blocks * self.block)  # empty slots are never sampled
-        self.score = np.full(n_blocks * self.block, np.inf)  # ... and never evicted
-        self.rebuild()
-
-    def rebuild(self) -> None:
-        """Recompute every block aggregate from the leaves (used on open)."""
-        self.block_sum = self.prio.reshape(-1, self.block).sum(axis=1)  # (n_blocks,)
-        self.block_min = self.score.reshape(-1, self.block).min(axis=1)  # (n_blocks,)
-
-    def set(self, slots: np.ndarray, prio: np.ndarray, score: np.ndarray) -> None:
-        self.prio[slots], self.score[slots] = prio, score
-        blocks = np.unique(slots // self.block)
-        self.block_sum[blocks] = self.prio.reshape(-1, self.block)[blocks].sum(axis=1)
-        self.block_min[blocks] = self.score.reshape(-1, self.block)[blocks].min(axis=1)
-
-    def find(self, v: np.ndarray) -> np.ndarray:
-        """Slots drawn proportionally to priority, one per uniform ``v`` in [0, 1)."""
-        cum = np.cumsum(self.block_sum)  # (n_blocks,)
-        u = v * cum[-1]  # (m,)
-        b = np.minimum(np.searchsorted(cum, u, side="right"), len(cum) - 1)  # (m,)
-        rest = u - (cum[b] - self.block_sum[b])  # position inside block b
-        within = np.cumsum(self.prio.reshape(-1, self.block)[b], axis=1)  # (m, block)
-        i = np.minimum((within <= rest[:, None]).sum(axis=1), self.block - 1)  # (m,)
-        return b * self.block + i
-
-    def argmin(self) -> int:
-        """Slot with the lowest score; ties go to the lowest slot."""
-        b = int(np.argmin(self.block_min))
-        return b * self.block + int(np.argmin(self.score[b * self.block : (b + 1) * self.block]))
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -190,7 +93,8 @@ class ReplayBuffer:
         readonly: bool = False,
     ) -> None:
         _check(
-            policy in POLICIES, f"ReplayBuffer: unknown policy {policy!r}; use one of {POLICIES}"
+            policy in REPLAY_POLICIES,
+            f"ReplayBuffer: unknown policy {policy!r}; use one of {replay_policy_names()}",
         )
         _check(
             _is_count(capacity) and capacity > 0,
@@ -325,15 +229,11 @@ class ReplayBuffer:
         else:
             self._rng.bit_generator.state = state["rng"]
         self._size = self._counters["added"] - self._counters["evicted"]
-        self._index: _SlotIndex | None = None
-        if self.policy == "priority":
-            self._index = _SlotIndex(self.capacity)
+        self._policy = REPLAY_POLICIES.get(self.policy)(self.capacity, self.alpha)
+        if self._policy.scored:
             got = self._conn.execute("SELECT slot, last_score FROM rows").fetchall()
             data = np.array(got, dtype=np.float64).reshape(-1, 2)  # (n, 2)
-            slots = data[:, 0].astype(np.int64)
-            self._index.prio[slots] = self._priority(data[:, 1])
-            self._index.score[slots] = data[:, 1]
-            self._index.rebuild()
+            self._policy.load(data[:, 0].astype(np.int64), data[:, 1])
 
     def refresh(self) -> None:
         """Read-only buffers: pick up the rows and state committed since open (or last refresh)."""
@@ -370,10 +270,6 @@ class ReplayBuffer:
         """Counts since creation: offered, added, evicted, sampled, score_updates."""
         return dict(self._counters)
 
-    def _priority(self, scores: np.ndarray) -> np.ndarray:
-        p = (np.maximum(scores, 0.0) + PRIORITY_EPS) ** self.alpha
-        return np.maximum(p, np.finfo(np.float64).tiny)  # huge alpha must not zero a row
-
     def _writable(self, what: str) -> sqlite3.Connection:
         _check(self._conn is not None, f"ReplayBuffer.{what}: buffer {str(self.path)!r} is closed")
         _check(not self.readonly, f"ReplayBuffer.{what}: buffer {str(self.path)!r} is read-only")
@@ -392,7 +288,7 @@ class ReplayBuffer:
             f"ReplayBuffer.add: step must be an int >= 0, got {step!r}",
         )
         rows, payloads = [], []
-        pending: list[int] = []  # slots written but not yet in the priority index
+        pending: list[int] = []  # rows written but not yet in the policy's score index
         c = self._counters
         for item, score in zip(items, vals.tolist(), strict=True):
             _check(
@@ -407,11 +303,8 @@ class ReplayBuffer:
                 if j >= self.capacity:  # dropped w.p. 1 - capacity / offered
                     continue
                 c["evicted"] += 1
-                if self._index is None:
-                    slot = j
-                else:  # the victim is the lowest score, so the index must be current
-                    self._index_rows(pending, rows)
-                    slot = self._index.argmin()
+                self._index_rows(pending, rows)  # a scored victim needs a current index
+                slot = self._policy.victim(j)
             pending.append(len(rows))
             rows.append((slot, c["added"], item.doc_id, int(item.offset), int(step), score))
             mask = None if item.loss_mask is None else np.packbits(item.loss_mask).tobytes()
@@ -424,11 +317,11 @@ class ReplayBuffer:
         return len(rows)
 
     def _index_rows(self, pending: list[int], rows: list[tuple]) -> None:
-        """Put the pending new rows (indices into ``rows``) into the priority index."""
-        if self._index is not None and pending:
+        """Give a scored policy the pending new rows (indices into ``rows``)."""
+        if self._policy.scored and pending:
             slots = np.array([rows[i][0] for i in pending])
             score = np.array([rows[i][5] for i in pending])
-            self._index.set(slots, self._priority(score), score)
+            self._policy.scores_changed(slots, score)
         pending.clear()
 
     def sample(self, k: int) -> list[BufferRow]:
@@ -442,10 +335,7 @@ class ReplayBuffer:
         k = min(int(k), self._size)
         if k == 0:
             return []
-        if self._index is None or k == self._size:
-            slots = self._rng.choice(self._size, size=k, replace=False).tolist()
-        else:
-            slots = self._draw_priority(k)
+        slots = self._policy.draw(self._rng, self._size, k)
         marks = ",".join("?" * k)
         if not self.readonly:
             self._conn.execute(
@@ -460,33 +350,6 @@ class ReplayBuffer:
         by_slot = {g[0]: g for g in got}
         self._counters["sampled"] += k
         return [_to_row(by_slot[s]) for s in slots]
-
-    def _draw_priority(self, k: int) -> list[int]:
-        """k distinct slots, drawn one after another proportionally to priority.
-
-        Drawing with replacement and skipping repeats is exactly sequential sampling
-        without replacement. If a few rows hold most of the mass, repeats get common, so
-        from the 4th round on the rows already chosen are zeroed (and restored after).
-        """
-        index, chosen, zeroed, saved = self._index, {}, [], []
-        for round_ in range(64):
-            if len(chosen) == k:
-                break
-            if round_ >= 4:
-                done = set(zeroed)
-                fresh = np.array([s for s in chosen if s not in done], dtype=np.int64)
-                saved.append(index.prio[fresh].copy())
-                index.set(fresh, np.zeros(len(fresh)), index.score[fresh])
-                zeroed.extend(fresh.tolist())
-            for slot in index.find(self._rng.random(2 * (k - len(chosen)))).tolist():
-                # prio 0: an empty or zeroed slot hit through float rounding at a block edge
-                if len(chosen) < k and slot not in chosen and index.prio[slot] > 0:
-                    chosen[slot] = None
-        else:
-            raise RuntimeError(f"ReplayBuffer: priority sampling found {len(chosen)} of {k} rows")
-        if zeroed:
-            index.set(np.array(zeroed), np.concatenate(saved), index.score[zeroed])
-        return list(chosen)
 
     def update_scores(self, row_ids: Sequence[int], scores: Sequence[float]) -> None:
         """Refresh last scores (e.g. losses under the current model); evicted ids are skipped."""
@@ -504,9 +367,9 @@ class ReplayBuffer:
         ).fetchall()
         pairs = [(latest[row_id], slot) for slot, row_id in found]
         conn.executemany("UPDATE rows SET last_score = ? WHERE slot = ?", pairs)
-        if self._index is not None and pairs:
+        if self._policy.scored and pairs:
             new = np.array([p[0] for p in pairs])
-            self._index.set(np.array([p[1] for p in pairs]), self._priority(new), new)
+            self._policy.scores_changed(np.array([p[1] for p in pairs]), new)
         self._counters["score_updates"] += len(pairs)
 
     def commit(self, step: int) -> None:

@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,82 +51,14 @@ import torch
 from herllm.acquire.chunks import Experience, StreamPosition
 from herllm.acquire.cursor import Sharding, load_shard_cursors, save_cursor, save_shard_cursors
 from herllm.acquire.sources import Document
-from herllm.errors import UserError
+from herllm.parallel import fsdp
+from herllm.parallel.launch import read_launch
 from herllm.refine.scoring import Scores, mean_nll
 
 T = TypeVar("T")
 
 
 # Where launchers put the number of processes: torchrun / accelerate launch / deepspeed, then MPI
-# (the variables Accelerate itself reads).
-LAUNCHER_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-def launched_processes(env: dict | None = None) -> tuple[str | None, int]:
-    """The launcher's variable that holds the number of processes, and that number (1 when no
-    launcher set one)."""
-    env = os.environ if env is None else env
-    var = next((v for v in LAUNCHER_WORLD_VARS if env.get(v)), None)
-    return var, int(env[var]) if var else 1
-
-
-def check_world_size(num_processes: int, env: dict | None = None) -> None:
-    """Refuse a run whose launcher started more processes than Accelerate joined.
-
-    On a CPU machine, `torchrun --nproc_per_node 2` with an Accelerator that is not told
-    `cpu=True` gives every process a world of one: each trains alone, without any error.
-    """
-    var, launched = launched_processes(env)
-    if launched != num_processes:
-        raise UserError(
-            f"the launcher started {launched} processes ({var}={launched}) but Accelerate "
-            f"joined {num_processes}, so each rank would train alone; on a CPU-only machine "
-            "Accelerate must be built with cpu=True (herllm does when CUDA is absent), so check "
-            "the ACCELERATE_* and CUDA_VISIBLE_DEVICES variables, or launch with "
-            f"`torchrun --nproc_per_node {launched} -m herllm.cli adapt ...`"
-        )
-
-
-def _env_flag(env, name: str) -> bool:
-    return str(env.get(name, "false")).lower() in ("true", "1", "yes")
-
-
-def fsdp_reshard(plugin, default: bool) -> bool:
-    """`reshard_after_forward` for herllm's FSDP2 sharding, read from Accelerate's FSDP plugin
-    (`accelerate launch --use_fsdp ...`); the options herllm cannot honour are refused."""
-    if plugin is None:
-        return default
-    where = "in the Accelerate FSDP config"
-    offload = plugin.cpu_offload  # FSDP1: CPUOffload(offload_params=...); FSDP2: a policy
-    if (
-        offload is True
-        or getattr(offload, "offload_params", False)
-        or (type(offload).__name__ == "CPUOffloadPolicy")
-    ):
-        raise UserError(f"FSDP CPU offload ({where}) is not supported by herllm; turn it off")
-    if plugin.mixed_precision_policy is not None:
-        raise UserError(
-            f"FSDP mixed precision ({where}) is not supported by herllm, which trains in fp32; "
-            "launch with --mixed_precision no"
-        )
-    if plugin.activation_checkpointing or plugin.ignored_modules:
-        raise UserError(
-            f"FSDP activation checkpointing and ignored modules ({where}) are not supported by "
-            "herllm, which chooses what to shard itself (the LoRA adapters stay whole); turn them off"
-        )
-    reshard = plugin.reshard_after_forward
-    if isinstance(reshard, bool):  # FSDP2
-        return reshard
-    strategy = reshard if reshard is not None else getattr(plugin, "sharding_strategy", None)
-    if strategy is None:
-        return default
-    name = getattr(strategy, "name", str(strategy))  # FSDP1's sharding strategy
-    if name in ("FULL_SHARD", "SHARD_GRAD_OP"):
-        return name == "FULL_SHARD"
-    raise UserError(
-        f"FSDP sharding strategy {name} ({where}) is not supported by herllm; use FULL_SHARD "
-        "or SHARD_GRAD_OP, or plain DDP (`accelerate launch --multi_gpu`) for no sharding"
-    )
 
 
 class Ranks:
@@ -136,11 +66,7 @@ class Ranks:
 
     def __init__(self, accelerator, train) -> None:
         """`train`: the run's `TrainConfig` (FSDP, DeepSpeed, batch size, clipping)."""
-        from accelerate.utils import DistributedType
-
-        from herllm.parallel import zero as zero
-
-        check_world_size(accelerator.num_processes)
+        launch = read_launch(accelerator, train)  # refuses what herllm cannot run
         self.accelerator = accelerator
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
@@ -149,46 +75,11 @@ class Ranks:
         """Which documents each rank reads (re-dealt when a run resumes on another N)."""
         self.active_ranks = list(range(self.world))
         """The ranks that train on new windows this step (not those whose shard is learned)."""
-        # `accelerate launch --use_fsdp`: on GPUs Accelerate's state says FSDP; on a CPU machine
-        # it says multi-CPU and only the launcher's variables tell (read them into a plugin)
-        plugin = None
-        if accelerator.distributed_type == DistributedType.FSDP:
-            plugin = accelerator.state.fsdp_plugin
-        elif _env_flag(os.environ, "ACCELERATE_USE_FSDP"):
-            from accelerate.utils import FullyShardedDataParallelPlugin
-
-            plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables
-        self.sharded = self.world > 1 and (train.fsdp or plugin is not None)
-        """The frozen base weights are sharded with FSDP2 (`shard_model`): every forward pass
-        is then a collective, which all ranks must run together."""
-        self.reshard = (
-            fsdp_reshard(plugin, train.fsdp_reshard_after_forward) if self.sharded else True
-        )
-        ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-        asked = zero.requested(accelerator.distributed_type, train.deepspeed, ds_plugin)
-        self.zero: dict | None = None
-        """The DeepSpeed ZeRO-1/2 config the adapters' optimizer runs under (`herllm.parallel.zero`)."""
-        if asked is not None and self.world > 1:
-            if self.sharded:
-                raise UserError(
-                    "both FSDP and DeepSpeed are asked for (train.fsdp / --use_fsdp and "
-                    "train.deepspeed / --use_deepspeed); choose one"
-                )
-            self.zero = zero.zero_config(*asked, train.batch_size, train.grad_clip)
-            try:
-                import deepspeed  # noqa: F401
-            except ImportError as e:
-                raise UserError(
-                    f"DeepSpeed is asked for ({asked[1]}) but is not installed ({e}); install it "
-                    "after torch with `pip install 'herllm[deepspeed]'`, or launch without it"
-                ) from e
-        engine = "FSDP" if self.sharded else "DeepSpeed" if self.zero else None
-        if engine and accelerator.mixed_precision != "no":
-            raise UserError(
-                f"mixed precision {accelerator.mixed_precision} is not supported with {engine} in "
-                "herllm, which trains in fp32 (its model is not prepared by Accelerate, so the "
-                "loss would be scaled and never unscaled); launch with --mixed_precision no"
-            )
+        self.sharded = launch.sharded
+        """The frozen base weights are sharded with FSDP2 (`parallel.fsdp`)."""
+        self.reshard = launch.reshard
+        self.zero = launch.zero
+        """The DeepSpeed ZeRO-1/2 config the adapters' optimizer runs under, or None."""
 
     @property
     def main(self) -> bool:
@@ -357,93 +248,53 @@ class Ranks:
         return self.any_true(mine) if self.sharded else mine
 
     def shard_model(self, model: torch.nn.Module) -> dict:
-        """Shard the frozen base weights of a PEFT model with FSDP2: each decoder layer (the
-        classes the model lists in `_no_split_modules`) and then the whole model. The LoRA
-        parameters, and those of adapters grown later, stay whole on every rank: they are small,
-        and importances, anchors, Reptile and saving read them as plain tensors. Returns the
-        number of base parameters and how many this rank holds."""
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor
-
-        lora = {p for n, p in model.named_parameters() if "lora_" in n}
-        with torch.no_grad():  # FSDP moves what it shards to the device, unit by unit; the
-            for p in lora:  # adapters, which it leaves alone, are moved here
-                p.data = p.data.to(self.device)
-        kinds = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
-        for module in [m for m in model.modules() if type(m).__name__ in kinds]:
-            fully_shard(module, reshard_after_forward=self.reshard, ignored_params=lora)
-        fully_shard(model, reshard_after_forward=self.reshard, ignored_params=lora)
-        with torch.no_grad():  # FSDP initialises from the first forward, which must be the root's
-            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device))
-        sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
-        return {"base_params": sum(p.numel() for p in sharded),
-                "local_params": sum(p.to_local().numel() for p in sharded)}  # fmt: skip
+        """Shard the frozen base with FSDP2 (`parallel.fsdp.shard_model`)."""
+        return fsdp.shard_model(model, self.device, self.reshard)
 
     def settle(self, model: torch.nn.Module) -> None:
-        """Free the gathered weights of every FSDP unit, on every rank, before rank 0 alone
-        reads the model's state dict (saving the adapters): FSDP's state-dict hook reshards what
-        is still gathered (`reshard_after_forward=false`), and done on one rank only that would
-        leave the ranks' next forward passes out of step."""
-        if not self.sharded:
-            return
-        from torch.distributed.fsdp import FSDPModule
-
-        for m in model.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
+        """FSDP: every rank frees its gathered weights before rank 0 alone saves."""
+        if self.sharded:
+            fsdp.settle(model)
 
     def sync_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Average the adapter gradients over ranks (with a sharded base, FSDP leaves the LoRA
-        parameters alone; under DDP this is done by DDP itself)."""
-        if not self.sharded:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat /= self.world
-        i = 0
-        for g in grads:
-            g.copy_(flat[i : i + g.numel()].view_as(g))
-            i += g.numel()
+        """FSDP: average the whole adapters' gradients over ranks (DDP does it itself)."""
+        if self.sharded:
+            fsdp.sync_grads(params, self.world)
 
     # -- checkpoints ------------------------------------------------------------------------
-    def gather_rank_states(self, s) -> list[dict] | None:
-        """Every rank's stream position, pending windows and RNG state (None on one process),
-        after checking that the ranks hold the same weights and protection state."""
-        if self.world == 1:
-            return None
-        from herllm import atomic as ckpt
-
-        mine = {
-            "position": asdict(s.packer.position),
-            "pending": [vars(e) for e in s.pending],
-            "stream_done": s.stream_done,
-            "rng": ckpt.rng_state(),
-            "digest": digest(s),
-            "sharded": s.sharded,  # FSDP: base parameters in all, and on this rank
-            "zero": s.optimizer.partition() if self.zero is not None else None,  # DeepSpeed
-        }
-        states = self.gather(mine)
+    def check_agree(self, states: list[dict], step: int) -> list[dict]:
+        """Every rank's state (`run.checkpoint.gather_rank_states`), after checking that their
+        digests agree: ranks that hold different weights or protection state stop the run."""
         digests = [r["digest"] for r in states]
         if len(set(digests)) > 1:
             raise RuntimeError(
-                f"ranks hold different weights or protection state at step {s.step} (digests "
+                f"ranks hold different weights or protection state at step {step} (digests "
                 f"{[d[:12] for d in digests]}); this is a bug in herllm, please report it"
             )
         return states
 
-    def save_cursor(self, path: Path, s, states: list[dict] | None) -> None:
+    def digest(self, params: list[torch.nn.Parameter], tree) -> str:
+        """SHA-256 of the trainable weights and of a state tree (ranks must agree on both)."""
+        h = hashlib.sha256()
+        for p in params:
+            h.update(_bytes(p))
+        _hash_tree(h, tree)
+        return h.hexdigest()
+
+    def save_cursor(
+        self, path: Path, position: StreamPosition, sources: list[str], states: list[dict] | None
+    ) -> None:
         if states is None and self.sharding.trivial():
-            save_cursor(s.packer.position, path, s.cfg.stream.sources)
+            save_cursor(position, path, sources)
         else:
-            positions = [s.packer.position] if states is None else [
+            positions = [position] if states is None else [
                 StreamPosition(**r["position"]) for r in states
             ]  # fmt: skip
-            save_shard_cursors(positions, self.sharding, path, s.cfg.stream.sources)
+            save_shard_cursors(positions, self.sharding, path, sources)
 
-    def resume_rank(self, state: dict, cursor: Path, sources: list[str]) -> StreamPosition:
+    def resume_rank(
+        self, state: dict, cursor: Path, sources: list[str], per_rank: list[str]
+    ) -> StreamPosition:
         """This rank's stream position; `state`'s pending windows, RNG and end-of-stream flag
         become this rank's own.
 
@@ -458,10 +309,9 @@ class Ranks:
         saved = len(positions)
         if saved == self.world:
             self.sharding = sharding
-            if "ranks" in state:
+            if "ranks" in state:  # `per_rank`: the registry's components each rank has its own of
                 mine = state["ranks"][self.rank]
-                state.update(pending=mine["pending"], rng=mine["rng"],
-                             stream_done=mine["stream_done"])  # fmt: skip
+                state.update({k: mine[k] for k in per_rank})
             return positions[self.rank]
         self.sharding = sharding.redeal(positions, self.world)
         ranks = state.get("ranks") or [
@@ -473,76 +323,20 @@ class Ranks:
         state["stream_done"] = False  # a rank whose shard is empty finds out at its first read
         return StreamPosition()
 
-    # -- what trains changed ----------------------------------------------------------------
-    def rewrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """`model` as the training forward must see it after its trainable parameters changed
-        (an adapter grown, reused or merged): the identity on one process, a new DDP wrapper on
-        N. The caller has already dropped its reference to the previous wrapper.
-
-        DDP fixes the set of parameters it reduces (its buckets and autograd hooks) when it
-        wraps the model, so a change of what trains needs a new wrapper on every rank at the
-        same step, and the old one must be gone: its hooks would still fire on a parameter that
-        trains again. The trainable parameters are first broadcast from rank 0 (a fresh adapter's
-        random initialisation draws from each rank's own RNG); the frozen base is identical on
-        every rank already, so the wrapper skips DDP's broadcast of the whole model.
-        """
-        if self.world == 1:
-            return model
-        if self.sharded:  # no DDP wrapper: the adapters are whole on every rank, grads synced
-            self.broadcast_trainable(model)
-            return model
-        import gc
-        import weakref
-
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        acc = self.accelerator
-
-        def ddp(m) -> bool:  # also a DDP wrapper inside Accelerate's torch.compile wrapper
-            return isinstance(getattr(m, "_orig_mod", m), DDP)
-
-        stale = [weakref.ref(m) for m in acc._models if ddp(m)]
-        acc._models = [m for m in acc._models if not ddp(m)]
-        gc.collect()
-        if any(ref() is not None for ref in stale):
-            raise RuntimeError(
-                "the previous DDP wrapper is still referenced after an adapter change; this is a "
-                "bug in herllm, please report it"
-            )
-        self.broadcast_trainable(model)
-        kwargs = acc.ddp_handler.to_kwargs() if acc.ddp_handler is not None else {}
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = DDP(model, device_ids=ids, output_device=ids[0] if ids else None, init_sync=False,
-                  **kwargs)  # fmt: skip
-        if acc.ddp_handler is not None:
-            acc.ddp_handler.register_comm_hook(ddp)
-        ddp._is_accelerate_prepared = True
-        acc._models.append(ddp)
-        return ddp
-
     @torch.no_grad()
     def broadcast_trainable(self, model: torch.nn.Module) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 torch.distributed.broadcast(p.data, src=0)
 
-    def close(self, s) -> None:
-        """Release the DDP wrapper, wait for every rank, then leave the process group."""
+    def close(self, engine) -> None:
+        """Release the training wrapper, wait for every rank, then leave the process group."""
         if self.world > 1 and torch.distributed.is_initialized():
             # A DDP reducer that outlives its process group can hang the process at exit.
-            s.train_model = s.model
+            engine.close()
             self.accelerator.free_memory()  # drops Accelerate's references too, then collects
             self.accelerator.wait_for_everyone()
             torch.distributed.destroy_process_group()
-
-
-def digest(s) -> str:
-    """SHA-256 of the trainable weights and the protection state (ranks must agree on both)."""
-    h = hashlib.sha256()
-    for p in s.trainable:
-        h.update(_bytes(p))
-    _hash_tree(h, s.protection.state_dict())
-    return h.hexdigest()
 
 
 def _bytes(t: torch.Tensor) -> bytes:

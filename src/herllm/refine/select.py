@@ -11,10 +11,50 @@ replay buffer, so nothing seen is forgotten by the memory.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
+from herllm.registry import Registry
 
+
+@dataclass(frozen=True)
+class SelectorEntry:
+    name: str
+    cls: type
+    config: Mapping[str, str] = field(default_factory=dict)
+    """Constructor argument -> `SelectConfig` field it is read from."""
+
+    def build(self, cfg: Any) -> Any:
+        """An instance configured from `cfg` (a `SelectConfig` or anything with its fields)."""
+        return self.cls(**{arg: getattr(cfg, name) for arg, name in self.config.items()})
+
+
+SELECTORS: Registry[SelectorEntry] = Registry("selector")
+
+
+def register_selector(
+    name: str, *, config: Mapping[str, str] | None = None
+) -> Callable[[type], type]:
+    """Class decorator: register a selector (``select(nll) -> bool mask``, ``state_dict``,
+    ``load_state_dict``) as `name`, the value of select.policy."""
+
+    def deco(cls: type) -> type:
+        SELECTORS.add(name, SelectorEntry(name, cls, dict(config or {})))
+        return cls
+
+    return deco
+
+
+def selector_names() -> tuple[str, ...]:
+    """Every registered selector name (the choices of select.policy), in registration order."""
+    return SELECTORS.names()
+
+
+@register_selector("all")
 class AllSelector:
     """Select every experience."""
 
@@ -28,6 +68,9 @@ class AllSelector:
         pass
 
 
+@register_selector(
+    "uncertain", config={"fraction": "fraction", "window": "window", "warmup": "warmup"}
+)
 class UncertainSelector:
     """Select experiences whose NLL is in the top `fraction` of the last `window` scores."""
 
@@ -59,9 +102,17 @@ class UncertainSelector:
         self.seen = state["seen"]
 
 
+def selector_from_config(cfg: Any):
+    """The selector registered as ``cfg.policy``, with the select.* values it reads."""
+    if cfg.policy not in SELECTORS:
+        raise ValueError(
+            f"select.policy={cfg.policy!r} is not allowed; choose one of {', '.join(SELECTORS)}"
+        )
+    return SELECTORS.get(cfg.policy).build(cfg)
+
+
 def build_selector(policy: str, fraction: float, window: int, warmup: int):
-    if policy == "all":
-        return AllSelector()
-    if policy == "uncertain":
-        return UncertainSelector(fraction, window, warmup)
-    raise ValueError(f"select.policy={policy!r} is not allowed; choose all or uncertain")
+    """`selector_from_config` with the select.* values given one by one."""
+    return selector_from_config(
+        SimpleNamespace(policy=policy, fraction=fraction, window=window, warmup=warmup)
+    )

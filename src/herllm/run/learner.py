@@ -2,8 +2,9 @@
 checkpoint -> evaluate.
 
 `Learner.run` is the whole loop and reads top to bottom; each phase is a named helper below it.
-Set-up (model, stream, buffer, protection, resume) lives in `herllm.run.state`, knowledge-unit
-bookkeeping in `herllm.run.units`, so this file is only the loop.
+Set-up lives in `run.build`, checkpoints in `run.checkpoint`, knowledge-unit bookkeeping in
+`run.units`, and everything that differs between one process, DDP, FSDP and DeepSpeed behind
+`parallel.engine`, so this file is only the loop.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from herllm.acquire.chunks import Experience, to_batch
 from herllm.config import RunConfig
 from herllm.memory.replay import BufferItem
 from herllm.refine.scoring import Scores, sample_nll, score_batch
+from herllm.run.build import build_state
+from herllm.run.checkpoint import load_checkpoint, save_checkpoint
 from herllm.run.progress import LoopProgress
-from herllm.run.state import RunState, build_state, load_checkpoint, save_checkpoint
+from herllm.run.state import RunState
 from herllm.run.units import close_unit, earlier_units_loss, open_first_unit
 from herllm.update.adapters import orthogonality
 
@@ -63,13 +66,15 @@ class Learner:
             load_checkpoint(self.s)
         self.show_progress = show_progress and self.s.ranks.main
         self.until_tokens: int | None = None
+        self.stopping = False
+        """Set by `stop` (a signal under --follow): the loop ends after the current step."""
 
     def close(self) -> None:
         """Release the replay buffer (its last commit is the last checkpoint's)."""
         if self.s.buffer is not None:
             self.s.buffer.close()
             self.s.buffer = None
-        self.s.ranks.close(self.s)
+        self.s.ranks.close(self.s.engine)
 
     def __enter__(self) -> Learner:
         return self
@@ -85,9 +90,12 @@ class Learner:
         self.until_tokens = until_tokens
         self.start()  # first call only: baseline evaluation, first knowledge unit
         with LoopProgress(cfg.train.max_steps or None, s.step, self.show_progress) as bar:
-            while not self.budget_spent():
+            while not self.budget_spent() and not self.stopping:
                 new = self.acquire()  # read -> score -> detect shift -> select -> remember
                 if new is None:
+                    if s.waiting:  # a followed stream has nothing new yet
+                        self.idle()
+                        continue
                     break  # the stream is exhausted (on N processes: every rank's shard)
                 replay = self.sample_replay()  # past experience from the buffer
                 general = self.sample_general()  # general text that protects general ability
@@ -114,6 +122,18 @@ class Learner:
             open_first_unit(s)
         s.protection.start(s.model)
 
+    def idle(self) -> None:
+        """A followed stream has nothing new: checkpoint once (a kill loses nothing learned),
+        then wait for more."""
+        save_checkpoint(self.s)  # a no-op when the last step is already checkpointed
+        deadline = time.monotonic() + self.cfg.stream.follow_poll
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.05, self.cfg.stream.follow_poll))
+
+    def stop(self, *_signal) -> None:
+        """Stop after the current step, with a checkpoint (SIGTERM / Ctrl-C under --follow)."""
+        self.stopping = True
+
     def budget_spent(self) -> bool:
         t, c, until = self.cfg.train, self.s.counters, self.until_tokens
         return (
@@ -134,7 +154,8 @@ class Learner:
         """
         s = self.s
         want = self.cfg.train.batch_size - self.cfg.replay_per_batch - self.cfg.general_per_batch
-        while s.ranks.any_true(len(s.pending) < want and not s.stream_done):
+        s.waiting = False
+        while s.ranks.any_true(len(s.pending) < want and not s.stream_done and not s.waiting):
             windows, scores, mine = self.read_and_score(want)
             if not windows:
                 continue  # every rank that still needed windows has reached its shard's end
@@ -161,7 +182,8 @@ class Learner:
             c["selected"] += int(chosen.sum())
             c["skipped_by_selection"] += int((~chosen).sum())
         if not s.ranks.set_active(bool(s.pending)):  # which ranks train on new windows
-            return None  # the stream (on N processes: every rank's shard) has ended
+            return None  # the stream (on N processes: every rank's shard) has ended, or waits
+        # a followed stream that waits: what was read is learned now, in a smaller batch
         batch, s.pending = s.pending[:want], s.pending[want:]
         return batch
 
@@ -171,8 +193,8 @@ class Learner:
         s = self.s
         windows = []
         if len(s.pending) < want and not s.stream_done:
-            windows = s.next_windows(self.cfg.select.score_batch_size)
-            s.stream_done = not windows
+            windows, s.waiting = s.next_windows(self.cfg.select.score_batch_size)
+            s.stream_done = not windows and not s.waiting
         return s.ranks.gather_scored(windows, self.score(windows))
 
     def score(self, windows: list[Experience]) -> Scores:
@@ -216,53 +238,16 @@ class Learner:
         whose loss counts zero; the active ranks' losses are scaled by N / active, so the
         averaged gradient is the mean over the active ranks."""
         s = self.s
-        rows = [s.row_to_experience(r) for r in replay]
-        exps = new + rows + general
+        exps = new + [s.row_to_experience(r) for r in replay] + general
         real = bool(exps)
-        if not real:  # only on N processes, at the end of this rank's shard
-            exps = [s.placeholder_window()]
-        batch = s.to_device(to_batch(exps))
-        s.train_model.train()
-        out = s.train_model(**batch)  # DDP-wrapped on N processes: gradients are averaged
-        lm_loss = out.loss
-        loss = (
-            lm_loss + s.protection.penalty(s.model, batch, lm_loss)
-            if s.protection.active
-            else lm_loss
-        )
-        if s.orth is not None and s.bank.frozen():  # O-LoRA: keep the new subspace orthogonal
-            overlap = orthogonality(s.model, s.bank.current, s.bank.frozen())
-            loss = loss + s.orth.weight("orth", overlap, lm_loss) * overlap
-        loss = loss * s.ranks.loss_scale()
-        if not s.ranks.all_true(bool(torch.isfinite(loss))):  # every rank skips, or none
-            return self.skip_nonfinite(float(loss.detach()))
-        if s.ranks.zero is not None:  # DeepSpeed: reduces into partitions, clips in its step
-            s.optimizer.backward(loss)
-        else:
-            s.accelerator.backward(loss)
-        s.ranks.sync_grads(s.trainable)  # FSDP-sharded base: average the adapters' gradients
-        s.protection.after_backward(s.model)
-        if s.ranks.zero is not None:  # DeepSpeed clips in its step; the norm's check is here
-            if not s.optimizer.grads_finite():
-                s.optimizer.discard()
-                return self.skip_nonfinite(math.inf)
-        else:  # clip (max_norm inf: the norm alone, so that NaN never reaches Adam's moments)
-            clip = (
-                torch.nn.utils.clip_grad_norm_ if s.ranks.sharded else s.accelerator.clip_grad_norm_
-            )
-            norm = clip(s.trainable, self.cfg.train.grad_clip or math.inf)
-            if not torch.isfinite(torch.as_tensor(norm)):
-                s.optimizer.zero_grad(set_to_none=True)
-                return self.skip_nonfinite(float(norm))
-        s.snapshot_good_weights()  # these weights gave a finite loss: the state to fall back to
-        s.optimizer.step()
-        if getattr(s.optimizer, "overflow", False):  # DeepSpeed skipped a non-finite grad norm
-            return self.skip_nonfinite(math.inf)
-        s.scheduler.step()
-        if s.protection.after_step(s.model, s.optimizer):  # Reptile moved the weights
-            s.counters["reptile_steps"] += 1
-            s.weights_written()
-        s.optimizer.zero_grad(set_to_none=True)
+        batch = s.to_device(to_batch(exps or [s.placeholder_window()]))
+        s.engine.train_model.train()
+        out = s.engine.train_model(**batch)  # DDP-wrapped on N processes: gradients are averaged
+        loss = self.objective(out.loss, batch) * s.ranks.loss_scale()
+        skipped = s.engine.step(loss, after_backward=lambda: s.protection.after_backward(s.model),
+                                after_step=self.after_step)  # fmt: skip
+        if skipped is not None:
+            return self.skip_nonfinite(skipped)
         s.nonfinite_streak = 0
         self.track_losses(out.logits.detach(), batch["labels"], len(new), replay)
         tokens, n_replay, n_general = s.ranks.sum(
@@ -272,7 +257,27 @@ class Learner:
         c["tokens_trained"] += int(tokens)
         c["replayed"] += int(n_replay)
         c["general_replayed"] += int(n_general)
-        return float(lm_loss.detach())
+        return float(out.loss.detach())
+
+    def objective(self, lm_loss: torch.Tensor, batch: dict) -> torch.Tensor:
+        """LM loss + protection penalties (+ orthogonality to the frozen adapters, O-LoRA)."""
+        s = self.s
+        loss = (
+            lm_loss + s.protection.penalty(s.model, batch, lm_loss)
+            if s.protection.active
+            else lm_loss
+        )
+        if s.orth is not None and s.bank.frozen():  # O-LoRA: keep the new subspace orthogonal
+            overlap = orthogonality(s.model, s.bank.current, s.bank.frozen())
+            loss = loss + s.orth.weight("orth", overlap, lm_loss) * overlap
+        return loss
+
+    def after_step(self) -> None:
+        """Regularizer bookkeeping after the optimizer step, and Reptile when it is due."""
+        s = self.s
+        if s.protection.after_step(s.model, s.engine.optimizer):  # Reptile moved the weights
+            s.counters["reptile_steps"] += 1
+            s.engine.weights_written()
 
     def track_losses(self, logits, labels, n_new: int, replay: list) -> None:
         """Per-sample losses feed priority refresh and the stability signals (EMAs)."""
@@ -299,12 +304,11 @@ class Learner:
             s.protection.observe(*s.stability.signals(units_loss=earlier_units_loss(s)))
 
     def skip_nonfinite(self, value: float) -> float:
-        """Skip this step, restore the last good adapter weights, stop if it keeps happening."""
+        """Count and log a step the engine skipped (it restored the last good adapter weights);
+        stop if it keeps happening."""
         s = self.s
-        s.optimizer.zero_grad(set_to_none=True)
         s.nonfinite_streak += 1
         s.counters["nonfinite_skipped"] += 1
-        s.restore_good_weights()
         s.log_event({"event": "nonfinite_loss", "step": s.step, "value": value})
         if s.nonfinite_streak >= self.cfg.train.max_nonfinite:
             raise NonFiniteLossError(

@@ -1,4 +1,5 @@
-"""Knowledge units: what happens at a detected shift, snapshots, and rollback.
+"""Knowledge units: what happens at a detected shift, and the unit snapshots (see
+`run.rollback` for going back to one).
 
 At a shift the loop calls `close_unit`: measure the closing unit's own held-out loss (its
 reservoir of samples) and re-measure every earlier unit's (stability), consolidate the
@@ -8,28 +9,17 @@ adapters and trainer state under `units/<id>/`, and open the next unit.
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from herllm import atomic as ckpt
-from herllm.errors import UserError
+from herllm.acquire.chunks import to_batch
 from herllm.models.load import ADAPTER_NAME
 from herllm.refine.scoring import mean_nll
-
-
-def reservoir_batches(
-    s, reservoir: list[tuple[np.ndarray, np.ndarray]], batch_size: int = 8
-) -> list[dict]:
-    """A unit's reservoir windows as padded model batches on the device."""
-    from herllm.acquire.chunks import window_batches
-
-    return window_batches(
-        reservoir, s.cfg.stream.seq_len, s.packer.pad_id, s.accelerator.device, batch_size
-    )
+from herllm.run.adapters_io import save_adapters
+from herllm.update import adapters as ad
 
 
 def earlier_units_loss(s, units: int = 4, windows: int = 8) -> float | None:
@@ -43,7 +33,7 @@ def earlier_units_loss(s, units: int = 4, windows: int = 8) -> float | None:
     ]
     if not refs:
         return None
-    return float(np.mean([mean_nll(s.model, reservoir_batches(s, r))[0] for r in refs]))
+    return float(np.mean([mean_nll(s.model, s.reservoir_batches(r))[0] for r in refs]))
 
 
 def open_first_unit(s) -> None:
@@ -56,10 +46,10 @@ def close_unit(s, event, new_windows=()) -> None:
     With expansion on, the closed unit's routing key is fitted and `new_windows` (the samples
     that raised the shift) decide whether the next unit reuses an adapter or grows one."""
     unit = s.ledger.current
-    own = reservoir_batches(s, unit.reservoir)
+    own = s.reservoir_batches(unit.reservoir)
     ref_loss = mean_nll(s.model, own)[0] if own else float("nan")
     stability = {  # 32 windows per earlier unit: the cost of a close stays flat as units add up
-        uid: round(mean_nll(s.model, reservoir_batches(s, u["reference"][:32]))[0], 5)
+        uid: round(mean_nll(s.model, s.reservoir_batches(u["reference"][:32]))[0], 5)
         for uid, u in s.ledger.closed.items()
         if u["reference"]
     }
@@ -89,9 +79,6 @@ def close_unit(s, event, new_windows=()) -> None:
 def choose_adapter(s, new_windows) -> str:
     """Reuse the adapter of the unit the new region lies near, or grow one (merging the two
     closest adapters first when the cap is reached); every change goes to the ledger."""
-    from herllm.acquire.chunks import to_batch
-    from herllm.update import adapters as ad
-
     bank = s.bank
     reps = ad.base_reps(s.model, [s.to_device(to_batch(list(new_windows)))]).numpy()
     reuse, near = s.ranks.broadcast(bank.decide(reps))  # rank 0 decides for every rank
@@ -122,7 +109,7 @@ def choose_adapter(s, new_windows) -> str:
     previous = bank.current
     bank.current = name
     ad.activate(s.model, bank)
-    s.rebuild_optimizer()
+    s.engine.rebuild()
     if s.protection.reptile is not None:
         s.protection.reptile.attach(s.model)  # Reptile interpolates within the adapter now training
     s.ledger.append({"type": "adapter", "action": action, "adapter": name, "previous": previous,
@@ -134,67 +121,17 @@ def choose_adapter(s, new_windows) -> str:
 def save_unit_snapshot(s, unit_id: str) -> None:
     """Adapters (PEFT format) and the trainer state as they were when the unit closed."""
     s.ranks.settle(s.model)  # FSDP: every rank frees its gathered weights before rank 0 saves
-    optimizer = s.optimizer_state()  # every rank takes part (DeepSpeed gathers it)
+    # the registry's `snapshot` components; every rank takes part (DeepSpeed gathers the optimizer)
+    state = {"step": s.step, **s.registry.state_dict(s.registry.names(snapshot=True))}
     if not s.accelerator.is_main_process:
         return
     root = s.run_dir / "units"
     tmp = root / f".tmp-{unit_id}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    from herllm.run.state import save_adapters
-
     save_adapters(s, tmp / "adapters")
-    torch.save({"step": s.step, "optimizer": optimizer, "scheduler": s.scheduler.state_dict(),
-                "protection": s.protection.state_dict(),
-                "bank": s.bank.state_dict() if s.bank is not None else None}, tmp / "trainer.pt")  # fmt: skip
+    torch.save(state, tmp / "trainer.pt")
     ckpt.fsync_tree(tmp)
     final = root / unit_id
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-
-
-def rollback(run_dir: str | Path, unit_id: str) -> Path:
-    """Write a new checkpoint whose adapters and trainer state are those saved when `unit_id`
-    closed; the stream position, buffer and counters stay where the run is (knowledge goes back,
-    the data already read is not read again). Returns the new checkpoint directory."""
-    from herllm.memory.ledger import read_ledger
-    from herllm.memory.replay import ReplayBuffer
-
-    run = Path(run_dir)
-    closed = {r["unit"]: r for r in read_ledger(run) if r["type"] == "close"}
-    if unit_id not in closed:
-        raise UserError(
-            f"unit {unit_id!r} has not closed in {run}; closed units: {', '.join(closed) or 'none'}"
-        )
-    snap = run / closed[unit_id]["snapshot"]
-    if not (snap / "trainer.pt").is_file():
-        raise UserError(f"snapshot {snap} is missing; the run directory was edited by hand")
-    buffer = ReplayBuffer.open(run / "replay.sqlite") if (run / "replay.sqlite").exists() else None
-    latest = ckpt.resume_point(run / "checkpoints", buffer.committed_step if buffer else None)
-    if latest is None:
-        raise UserError(f"{run} has no checkpoint to roll back from")
-    state = torch.load(latest / "trainer.pt", weights_only=False)
-    unit_state = torch.load(snap / "trainer.pt", weights_only=False)
-    for key in ("optimizer", "scheduler", "protection", "bank"):
-        if key in unit_state:
-            state[key] = unit_state[key]
-    state["step"] += 1  # a rollback takes a step number, so the buffer can commit with it
-    state["rolled_back_to"] = unit_id
-    state["ledger"]["count"] += 1  # the rollback record below is part of this checkpoint
-    tmp = ckpt.begin(run / "checkpoints", state["step"])
-    shutil.copytree(snap / "adapters", tmp / "adapters")
-    shutil.copy2(latest / "cursor.json", tmp / "cursor.json")
-    torch.save(state, tmp / "trainer.pt")
-    final = ckpt.publish(tmp)
-    record = {
-        "type": "rollback",
-        "to": unit_id,
-        "step": state["step"],
-        "from_step": state["step"] - 1,
-    }
-    with open(run / "ledger.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-    if buffer is not None:  # the commit makes the rollback checkpoint the one to resume from
-        buffer.commit(state["step"])
-        buffer.close()
-    return final

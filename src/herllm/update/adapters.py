@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from herllm.acquire.chunks import window_batches
 from herllm.refine.scoring import base_pooled_states
 
 BASE = "__base__"
@@ -344,3 +345,13 @@ class RoutedModel:
         if names is not None:
             kw["adapter_names"] = names
         return self._model.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+
+def fit_unit_key(
+    model, reservoir, unit: str, adapter: str, seq_len: int, pad_id: int, device
+) -> RoutingKey | None:
+    """Routing key of a unit from its reservoir windows (token ids, loss mask); None if < 8."""
+    if len(reservoir) < 8:
+        return None
+    batches = window_batches(reservoir, seq_len, pad_id, device)
+    return RoutingKey.fit(unit, adapter, base_reps(model, batches).numpy())

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from herllm.update.regularizers import snapshot, trainable_params
+from herllm.update.params import snapshot, trainable_params
 
 # Optimizer state entries that hold a running first moment (a direction of travel).
 _FIRST_MOMENT_KEYS = ("exp_avg", "momentum_buffer")

@@ -2,7 +2,8 @@
 
 One object so the loop stays flat: `penalty` before backward, `after_backward`, `after_step`
 around the optimizer step, `consolidate` at a detected shift, `observe` with stability signals.
-Every part is one of the small objects of `regularizers.py` / `meta.py`; this file only composes.
+Every part is one of the small objects of `regularizers.py` (built by name from
+`registry.py`) / `meta.py`; this file only composes.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from collections.abc import Callable, Iterable
 import torch
 
 from herllm.config import ProtectConfig
+from herllm.update import regularizers  # noqa: F401  (the built-in methods register)
 from herllm.update.meta import Reptile
-from herllm.update.regularizers import MAS, SI, KLAnchor, OnlineEWC
+from herllm.update.registry import build_regularizer
 from herllm.update.strength import DynamicStrength
-
-REGULARIZERS = {"ewc": OnlineEWC, "mas": MAS, "si": SI, "kl": KLAnchor}
 
 
 class Protection:
@@ -29,10 +29,7 @@ class Protection:
         self.mean_over_ranks = mean_over_ranks
         """On N processes: averages the magnitudes that set the weights, so every rank keeps the
         same strength state (the identity on one process)."""
-        self.regs = {}
-        for name in cfg.regularizers:
-            cls = REGULARIZERS[name]
-            self.regs[name] = cls(reference=cfg.kl_reference) if name == "kl" else cls()
+        self.regs = {name: build_regularizer(name, cfg) for name in cfg.regularizers}
         self.strength = DynamicStrength(target_ratio=cfg.strength, max_ratio=max(1.0, cfg.strength))
         self.reptile = (
             Reptile(cfg.reptile_every, cfg.reptile_epsilon) if cfg.reptile_every > 0 else None
@@ -45,12 +42,14 @@ class Protection:
         return bool(self.regs) or self.reptile is not None
 
     def start(self, model) -> None:
-        """At the first step of a run: anchor Reptile; a base-anchored KL protects from step 0."""
+        """At the first step of a run: anchor Reptile; regularizers with a `start` (a
+        base-anchored KL protects from step 0) get it."""
         if self.reptile is not None and self.reptile.anchor is None:
             self.reptile.attach(model)
-        kl = self.regs.get("kl")
-        if kl is not None and self.cfg.kl_reference == "base" and not kl.active:
-            kl.consolidate(model, [])
+        for reg in self.regs.values():
+            start = getattr(reg, "start", None)
+            if start is not None:
+                start(model)
 
     def penalty(self, model, batch: dict, lm_loss: torch.Tensor) -> torch.Tensor:
         """Sum of weighted penalties; each weight keeps its term a set share of the LM loss."""

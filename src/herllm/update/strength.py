@@ -6,7 +6,7 @@ import math
 
 from torch import Tensor
 
-from herllm.update.regularizers import _check_kind
+from herllm.update.params import _check_kind
 
 
 class DynamicStrength:
