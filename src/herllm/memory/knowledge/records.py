@@ -103,10 +103,14 @@ class Item:
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result; ``score`` depends on the mode (cosine for ``dense``)."""
+    """One search result."""
 
     item: Item
     score: float
+    """The ranking score of the retrieval mode (larger is better)."""
+    relevance: float
+    """Absolute relevance that ``threshold`` applies to: the cosine similarity, or in mode
+    ``bm25`` the BM25 score over its ceiling (both at most 1)."""
 
 
 @dataclass(frozen=True)

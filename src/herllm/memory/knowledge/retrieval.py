@@ -9,11 +9,15 @@
 * :class:`BM25` is Okapi BM25 (k1=1.2, b=0.75, Lucene's non-negative idf) over lower-cased
   word tokens minus a short stop-word list; it is rebuilt per candidate set (hundreds of
   passages here, so a few milliseconds).
-* :func:`score` combines them. ``dense`` is the cosine; ``bm25`` the BM25 score divided by
-  the query's best BM25 score (so in ``[0, 1]``); ``hybrid`` is ``(1 - w) * cosine + w *
+* :func:`fuse` ranks with them. ``dense`` is the cosine; ``bm25`` the BM25 score divided by
+  the query's best BM25 score; ``hybrid`` is ``(1 - w) * cosine + w *
   bm25_normalised`` (weighted sum, ``w = HYBRID_WEIGHT``); ``rrf`` is reciprocal-rank fusion
   (``sum 1 / (60 + rank)``). ``benchmarks/bench_retrieval.py`` measures them; the defaults
-  below are the winners there.
+  below are the winners there (``minilm``, ``hybrid`` with w=0.4: recall@1 0.996 over the
+  975 probes, BM25 alone 0.993, MiniLM alone 0.938).
+* Thresholds are on an absolute scale, not on the ranking score (whose BM25 part is relative
+  to the query's best match): the cosine where there are embeddings, else BM25 divided by
+  :meth:`BM25.ceiling`. This keeps "nothing relevant" recognisable in every mode.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -34,7 +39,7 @@ from herllm.errors import UserError
 MODES = ("dense", "bm25", "hybrid", "rrf")
 DEFAULT_MODE = "hybrid"
 DEFAULT_ENCODER = "minilm"
-HYBRID_WEIGHT = 0.3
+HYBRID_WEIGHT = 0.4
 RRF_K = 60
 MINILM_NAME = "all-MiniLM-L6-v2"
 _STOP = frozenset(
@@ -159,6 +164,15 @@ class BM25:
         n = len(self.docs)
         self.idf = {w: math.log(1.0 + (n - c + 0.5) / (c + 0.5)) for w, c in df.items()}
 
+    def ceiling(self, query: str) -> float:
+        """The score a passage would reach with every query word infinitely often: dividing
+        by it puts scores in [0, 1) on an absolute scale (a query about nothing in the store
+        scores near 0 everywhere, unlike dividing by the best score of this query)."""
+        n = len(self.docs)
+        unseen = math.log(1.0 + (n + 0.5) / 0.5)
+        words = set(tokenize(query))
+        return sum(self.idf.get(w, unseen) for w in words) * (self.k1 + 1.0)
+
     def scores(self, query: str) -> np.ndarray:  # (N,)
         out = np.zeros(len(self.docs), dtype=np.float64)
         norm = self.k1 * (1.0 - self.b + self.b * self.lengths / max(self.avg_len, 1e-9))
@@ -179,14 +193,10 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def score(
-    mode: str,
-    *,
-    cosine: np.ndarray | None,
-    bm25: np.ndarray | None,
-    weight: float = HYBRID_WEIGHT,
+def fuse(
+    mode: str, *, cosine: np.ndarray | None, bm25: np.ndarray | None, weight: float
 ) -> np.ndarray:
-    """One score per candidate, larger is better (see the module docstring for each mode)."""
+    """One ranking score per candidate, larger is better (module docstring: each mode)."""
     if mode not in MODES:
         raise UserError(f"unknown retrieval mode {mode!r}: use one of {', '.join(MODES)}")
     if mode != "bm25" and cosine is None:
@@ -202,6 +212,12 @@ def score(
     return 1.0 / (RRF_K + _ranks(cosine)) + 1.0 / (RRF_K + _ranks(bm25))
 
 
+@dataclass(frozen=True)
+class Ranking:
+    scores: np.ndarray  # (N,) ranking score of the mode
+    relevance: np.ndarray  # (N,) absolute scale for thresholds: cosine, or BM25 / ceiling
+
+
 def rank(
     query: str,
     query_vec: np.ndarray | None,
@@ -210,8 +226,14 @@ def rank(
     *,
     mode: str,
     weight: float = HYBRID_WEIGHT,
-) -> np.ndarray:
-    """Scores of the candidates for ``query``; ``embeddings`` (N, D), ``query_vec`` (D,)."""
+) -> Ranking:
+    """Score the candidates for ``query``; ``embeddings`` (N, D), ``query_vec`` (D,)."""
     cosine = None if embeddings is None or query_vec is None else embeddings @ query_vec  # (N,)
     sparse = bm25.scores(query) if mode != "dense" else None
-    return score(mode, cosine=cosine, bm25=sparse, weight=weight)
+    scores = fuse(mode, cosine=cosine, bm25=sparse, weight=weight)
+    if mode == "bm25":
+        ceiling = bm25.ceiling(query)
+        relevance = sparse / ceiling if ceiling > 0 else np.zeros_like(sparse)
+    else:
+        relevance = cosine
+    return Ranking(scores, relevance)

@@ -369,19 +369,20 @@ class KnowledgeStore:
         mode: str | None = None,
     ) -> list[Hit]:
         """The ``k`` best active passages of ``scope`` (plus explicitly shared agent/run
-        scopes) scoring at least ``threshold``; their retrieval counts go up by one."""
+        scopes) whose relevance is at least ``threshold``; their retrieval counts go up by one."""
         check_text(query, "search")
         if k < 1:
             raise UserError(f"k={k}: ask for at least one result (k >= 1)")
         cands = self.candidates(search_scopes(scope, share))
         if not cands.ids:
             return []
-        mode = mode or self.mode
+        if mode is None:  # a store written without an encoder has only BM25
+            mode = self.mode if cands.embeddings is not None else "bm25"
         qvec = None if mode == "bm25" else self._embed([query])
         qvec = None if qvec is None else qvec[0]
-        scores = rank(query, qvec, cands.bm25, cands.embeddings, mode=mode)  # (N,)
-        order = np.argsort(-scores, kind="stable")[:k]
-        top = [i for i in order if threshold is None or scores[i] >= threshold]
+        ranking = rank(query, qvec, cands.bm25, cands.embeddings, mode=mode)
+        order = np.argsort(-ranking.scores, kind="stable")[:k]
+        top = [i for i in order if threshold is None or ranking.relevance[i] >= threshold]
         ids = [cands.ids[i] for i in top]
         with self._tx() as c:
             c.executemany(
@@ -391,4 +392,8 @@ class KnowledgeStore:
             )
             items = [self._get(c, i) for i in ids]
         pairs = zip(items, top, strict=True)
-        return [Hit(it, float(scores[i])) for it, i in pairs if it.status == "active"]
+        return [
+            Hit(it, float(ranking.scores[i]), float(ranking.relevance[i]))
+            for it, i in pairs
+            if it.status == "active"
+        ]
