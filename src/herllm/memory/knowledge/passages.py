@@ -1,5 +1,9 @@
 """Split a document into passages of about 100-200 words at paragraph and sentence boundaries.
 
+Sizes: at most ``max_words``, except that a last passage under ``min_words / 2`` joins the
+one before (so at most ``max_words + min_words / 2``); a sentence longer than ``max_words`` is
+cut between words.
+
 Every passage is an exact slice of the document: ``text[p.start:p.end] == p.text``, so its
 provenance (document id, character offsets) can always be checked against the source.
 """
