@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -68,6 +70,19 @@ def query_vectors(encoder, docs) -> dict[str, np.ndarray]:
     return {p: encoder.encode([q for d in docs for q in d[p]]) for p in PROBES}
 
 
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return f"{os.cpu_count()}-core CPU ({cpu}), torch threads 1, torch {torch.__version__}"
+
+
 def table(results: dict) -> str:
     lines = [
         "| method | probes | R@1 | R@3 | R@5 |",
@@ -108,7 +123,8 @@ def main() -> None:
     print(table(results))
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} CPU, torch threads 1",
+        "machine": machine(),
+        "command": "OMP_NUM_THREADS=1 PYTHONPATH=src python " + " ".join(sys.argv),
         "documents": len(docs),
         "passages": n_passages,
         "queries_per_probe": len(docs) * 5,

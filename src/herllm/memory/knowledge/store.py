@@ -13,8 +13,9 @@ Design
   never retrieved again. The only in-place changes are ``status``, ``retrieval_count``,
   ``consolidated_into``, and :meth:`forget`.
 * :meth:`forget` removes the text and embedding of EVERY version of the item (a forgotten
-  fact must not survive as its older version), then checkpoints the WAL; with
-  ``secure_delete`` SQLite zeroes the freed bytes, so the text is gone from the file. The
+  fact must not survive as its older version), then checkpoints the WAL with TRUNCATE
+  (which waits, up to the 30 s busy timeout, for other connections' readers to move on);
+  with ``secure_delete`` SQLite zeroes the freed bytes, so the text is gone from the file. The
   history keeps that it was forgotten, when and by whom; history never holds passage text.
 * Scopes are never mixed: a search in ``user:alice`` sees only ``user:alice``'s items.
   ``agent`` and ``run`` scopes can be added to a search explicitly with ``share=``; a user
