@@ -26,14 +26,14 @@ from herllm.memory.knowledge import KnowledgeStore, Scope
 from herllm.memory.knowledge.records import SCOPE_KINDS
 
 def document(n):
-    return " ".join(f"Sentence {{j}} of document {{n}} names the river Ael{{n}}." for j in range(60))
+    return " ".join(f"Sentence {{j}} of document {{n}} names the river Ael{{n}}." for j in range(150))
 
 store = KnowledgeStore({path!r}, HashEncoder(), actor="child")
 rng = random.Random({seed})
 n = {start}
 while True:
     scope = Scope("user", f"u{{n % 3}}")
-    if n % 4 == 0:
+    if n % 2 == 0:
         store.ingest_document(document(n), f"doc-{{n}}", scope, source="loop")
     else:
         item = store.add(f"Passage {{n}} about the harbour number {{n}}.", scope=scope)
@@ -48,7 +48,7 @@ while True:
 
 
 def document(n: int) -> str:
-    return " ".join(f"Sentence {j} of document {n} names the river Ael{n}." for j in range(60))
+    return " ".join(f"Sentence {j} of document {n} names the river Ael{n}." for j in range(150))
 
 
 def _run_and_kill(path: Path, seed: int, start: int) -> int:
