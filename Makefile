@@ -8,7 +8,7 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-smollm2 test test-fast demo lint format bench bench-quick bench-step bench-buffer bench-shift bench-routing clean
+.PHONY: install install-smollm2 test test-fast demo lint format bench bench-quick bench-step bench-step-smollm2 bench-buffer bench-shift bench-routing clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ format: install
 
 bench-step: install
 	$(BIN)/python benchmarks/bench_step.py --out results/bench_step.json
+
+# the same on SmolLM2-135M-Instruct (about 20 minutes on a 2-core CPU)
+bench-step-smollm2: install
+	$(BIN)/python benchmarks/bench_step.py --model smollm2-135m --steps 12 --block 3 --tuned-only \
+		--out results/bench_step_smollm2.json
 
 # 4 domains, reference rows + naive/replay/her, 1 order: under 10 minutes on a 2-core CPU.
 bench-quick: install

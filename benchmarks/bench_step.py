@@ -25,10 +25,13 @@ TARGET_CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4
                      num_key_value_heads=4, vocab_size=8192, max_position_embeddings=1024)  # fmt: skip
 
 
-def model_dir(tmp: Path) -> Path:
-    """The bundled base model if present, else the same architecture with random weights."""
-    from herllm.models.load import BUNDLED
+def model_dir(tmp: Path, name: str = "herllm-tiny") -> Path:
+    """`name` resolved as `--model` resolves it (a named model, a directory); for the default,
+    the same architecture with random weights when the bundled model is absent."""
+    from herllm.models.load import BUNDLED, resolve_model_path
 
+    if name != "herllm-tiny":
+        return Path(resolve_model_path(name))  # smollm2-135m: converted once into the cache
     if (BUNDLED["herllm-tiny"] / "config.json").is_file():
         return BUNDLED["herllm-tiny"]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -89,11 +92,12 @@ def run(args) -> dict:
     import torch
 
     from herllm.acquire.chunks import to_batch
+    from herllm.evaluate.cost import peak_rss_mb
     from herllm.refine.scoring import score_batch
 
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
-    path = model_dir(tmp)
+    path = model_dir(tmp, args.model)
     learner = make_learner(path, tmp, args.batch, args.seq, args.lora_r)
     bare, opt = make_bare(path, args.lora_r)
     vocab = bare.config.vocab_size
@@ -148,6 +152,7 @@ def run(args) -> dict:
         "lora_r": args.lora_r,
         "score_batch": args.score_batch,
         "threads": torch.get_num_threads(),
+        "peak_rss_mb": peak_rss_mb(),  # both loops and the scorer share this process
         "mallopt": not os.environ.get("HERLLM_NO_MALLOPT"),
     }
 
@@ -166,6 +171,8 @@ def main() -> None:
         default=16,
         help="windows per scoring pass (select.score_batch_size)",
     )
+    p.add_argument("--model", default="herllm-tiny", help="a named model or a model directory")
+    p.add_argument("--tuned-only", action="store_true", help="skip the run without malloc tuning")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -175,19 +182,21 @@ def main() -> None:
         print(json.dumps(run(args)))
         return
     results = {}
-    for label, extra in (("malloc_tuned", {}), ("malloc_default", {"HERLLM_NO_MALLOPT": "1"})):
+    variants = (("malloc_tuned", {}), ("malloc_default", {"HERLLM_NO_MALLOPT": "1"}))
+    for label, extra in variants[: 1 if args.tuned_only else 2]:
         env = {**os.environ, **extra}
         env.pop("MALLOC_MMAP_MAX_", None)
         env.pop("MALLOC_TRIM_THRESHOLD_", None)
         argv = [sys.executable, __file__, "--child", "--steps", str(args.steps), "--block", str(args.block),
                 "--batch", str(args.batch), "--seq", str(args.seq), "--lora-r", str(args.lora_r),
-                "--score-batch", str(args.score_batch)]  # fmt: skip
+                "--score-batch", str(args.score_batch), "--model", args.model]  # fmt: skip
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
         results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
-    results["malloc_speedup_herllm"] = (
-        results["malloc_tuned"]["tokens_per_s"]["herllm"]
-        / results["malloc_default"]["tokens_per_s"]["herllm"]
-    )
+    if "malloc_default" in results:
+        results["malloc_speedup_herllm"] = (
+            results["malloc_tuned"]["tokens_per_s"]["herllm"]
+            / results["malloc_default"]["tokens_per_s"]["herllm"]
+        )
     results["machine"] = {
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
@@ -200,14 +209,19 @@ def main() -> None:
 
 
 def render(r: dict) -> str:
-    rows = ["| malloc | bare PEFT tok/s | herllm step tok/s | herllm / bare | scoring tok/s | scoring / train |",
-            "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    rows = ["| malloc | bare PEFT tok/s | herllm step tok/s | herllm / bare | scoring tok/s | scoring / train | peak RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for label in ("malloc_tuned", "malloc_default"):
+        if label not in r:
+            continue
         x = r[label]
         t = x["tokens_per_s"]
         rows.append(f"| {label} | {t['bare']:,.0f} | {t['herllm']:,.0f} | {x['herllm_over_bare_median']:.3f} | "
-                    f"{t['score']:,.0f} | {x['score_over_train_median']:.2f} |")  # fmt: skip
-    rows.append(f"\nmalloc tuning speed-up of the herllm step: {r['malloc_speedup_herllm']:.2f}x")
+                    f"{t['score']:,.0f} | {x['score_over_train_median']:.2f} | {x['peak_rss_mb']:,.0f} |")  # fmt: skip
+    if "malloc_speedup_herllm" in r:
+        rows.append(
+            f"\nmalloc tuning speed-up of the herllm step: {r['malloc_speedup_herllm']:.2f}x"
+        )
     return "\n".join(rows)
 
 

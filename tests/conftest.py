@@ -73,3 +73,30 @@ def tiny_lora_llama(seed: int = 0, vocab: int = 64, hidden: int = 32, r: int = 4
     )  # fmt: skip
     lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     return get_peft_model(LlamaForCausalLM(config), lora)
+
+
+# -- the knowledge store's tests (tests/memory/knowledge/) ------------------------------------
+FK10 = Path(__file__).parent / "memory" / "knowledge" / "data" / "fictional_knowledge_10.json"
+
+
+@pytest.fixture
+def hash_encoder():
+    """A fast deterministic encoder for store tests (tests/memory/knowledge)."""
+    from knowledge_test_encoder import HashEncoder  # beside the tests that use it
+
+    return HashEncoder()
+
+
+@pytest.fixture(scope="session")
+def fk10() -> list[dict]:
+    """The first 10 Fictional Knowledge documents with their probes (Apache-2.0)."""
+    import json
+
+    return json.loads(FK10.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from herllm.memory.knowledge import load_encoder
+
+    return load_encoder("minilm")
