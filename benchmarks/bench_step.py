@@ -35,7 +35,7 @@ def model_dir(tmp: Path, name: str = "herllm-tiny") -> Path:
     if (BUNDLED["herllm-tiny"] / "config.json").is_file():
         return BUNDLED["herllm-tiny"]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import build_tiny_model
+    from tiny_models import build_tiny_model
 
     return build_tiny_model(tmp / "model", vocab_size=8192, hidden=256, layers=4)
 

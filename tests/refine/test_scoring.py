@@ -35,3 +35,17 @@ def test_score_batch_and_mean_nll_agree(tiny_model_dir):
     assert model.training  # the pass restores the mode it found
     assert scores.reps.shape == (2, model.config.hidden_size) and scores.tokens == 12
     assert abs(float(scores.nll.mean()) - mean_nll(model, [batch])[0]) < 1e-5
+
+
+def test_token_stats_in_row_blocks_equals_one_pass(monkeypatch):
+    """A large vocabulary is scored in blocks of rows; every row's result is unchanged."""
+    from herllm.refine import scoring
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(7, 12, 50), torch.randint(0, 50, (7, 12))
+    labels[2, :5] = -100
+    whole = scoring.token_stats(logits, labels)
+    monkeypatch.setattr(scoring, "CHUNK_ELEMENTS", 2 * 12 * 50)  # blocks of 2 rows
+    blocks = scoring.token_stats(logits, labels)
+    for a, b in zip(whole, blocks, strict=True):
+        assert torch.equal(a, b)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_lora_llama
+from tiny_models import tiny_lora_llama
 
 from herllm.update import adapters as ad
 

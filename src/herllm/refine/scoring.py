@@ -24,13 +24,28 @@ class Scores:
     """Tokens scored (attention-mask sum)."""
 
 
+CHUNK_ELEMENTS = 1 << 26
+"""Largest (rows, T, V) block of temporaries `token_stats` makes at once (256 MB in fp32): with a
+49,152-token vocabulary a scoring batch of 16 x 128 would otherwise hold two 400 MB copies."""
+
+
 def token_stats(
     logits: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample mean NLL and entropy of next-token predictions, and the count of counted tokens.
 
-    logits (B, T, V) predict labels shifted by one; labels (B, T) with -100 where no loss.
+    logits (B, T, V) predict labels shifted by one; labels (B, T) with -100 where no loss. Rows
+    are taken in blocks of at most `CHUNK_ELEMENTS` logits (each row's result is the same).
     """
+    b, t, v = logits.shape
+    rows = max(1, CHUNK_ELEMENTS // max(1, t * v))
+    if b <= rows:
+        return _token_stats(logits, labels)
+    parts = [_token_stats(logits[i : i + rows], labels[i : i + rows]) for i in range(0, b, rows)]
+    return tuple(torch.cat(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]
+
+
+def _token_stats(logits: torch.Tensor, labels: torch.Tensor):
     logits = logits[:, :-1].float()  # (B, T-1, V)
     target = labels[:, 1:]  # (B, T-1)
     valid = target != -100  # (B, T-1)
