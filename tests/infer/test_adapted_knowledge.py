@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import chat_tokenizer
 
 from herllm.cli import main
 from herllm.config import build_config
@@ -101,10 +100,12 @@ def test_chat_without_a_template_is_one_line_naming_smollm2(run):
     assert "\n" not in str(err.value)
 
 
-def test_chat_renders_the_template_with_passages_in_the_system_message(tiny_model_dir, tmp_path):
+def test_chat_renders_the_template_with_passages_in_the_system_message(
+    tiny_model_dir, chatml_tokenizer, tmp_path
+):
     from transformers import AutoModelForCausalLM
 
-    tok = chat_tokenizer(tiny_model_dir)
+    tok = chatml_tokenizer
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.resize_token_embeddings(len(tok))
     store = KnowledgeStore(tmp_path / "k.sqlite")

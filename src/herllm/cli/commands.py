@@ -183,7 +183,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.k is not None and args.k < 1:
         raise UserError(f"--k {args.k} must be >= 1 (or pass --no-knowledge)")
     m = AdaptedModel.from_run(args.run, knowledge=not args.no_knowledge)
-    routes = [args.adapter or r for r in m.routes(args.prompt)]
     opts = dict(user=args.user, k=args.k)
     gen = (args.adapter, args.max_new_tokens, args.temperature, args.seed)
     if args.chat:
@@ -194,6 +193,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         outs = m.generate(args.prompt, *gen, **opts)
         used = m.last_retrieval
+    routes = [args.adapter or r for r in m.routes(args.prompt, chat=args.chat)]
     for prompt, route, out, hits in zip(args.prompt, routes, outs, used, strict=True):
         if hits:  # which passages the answer was given, on stderr: stdout stays the answers
             ids = ", ".join(f"{h.item.id} ({h.item.doc_id or 'no doc'})" for h in hits)

@@ -142,11 +142,14 @@ class AdaptedModel:
             if k in ("input_ids", "attention_mask")
         }
 
-    def routes(self, texts: list[str]) -> list[str]:
-        """The adapter each text would use (`base` when it is far from every unit)."""
+    def routes(self, texts: list[str], chat: bool = False) -> list[str]:
+        """The adapter each text would use (`base` when it is far from every unit); `chat`:
+        each text as a user message, routed as `chat` routes it."""
         if self.bank is None:
             return [ADAPTER_NAME] * len(texts)
-        enc = self._encode(texts)
+        if chat:
+            texts = [apply_chat(self.tokenizer, [{"role": "user", "content": t}]) for t in texts]
+        enc = self._encode(texts, add_special_tokens=not chat)
         names = self.routed().routes(enc["input_ids"], enc["attention_mask"])
         return ["base" if n == ad.BASE else n for n in names]
 
