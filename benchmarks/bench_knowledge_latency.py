@@ -127,6 +127,10 @@ def main() -> None:
             result["by_k"][str(k)] = measure(m, prompts, args.new_tokens)
         result["top_relevance_related"] = relevance(m, prompts)
         result["top_relevance_unrelated"] = relevance(m, UNRELATED)
+        question = [{"role": "user", "content": "What is Malm Town's English nickname?"}]
+        t, reply = timed(lambda: m.chat(question, max_new_tokens=args.new_tokens))
+        result["chat_sample"] = {"seconds": t, "reply": reply,
+                                 "passages": [h.item.doc_id for h in m.last_retrieval[0]]}  # fmt: skip
         m.knowledge.close()
     text = json.dumps(result, indent=1)
     print(text)
