@@ -39,7 +39,10 @@ def test_a_packed_window_of_chat_records_trains_only_the_assistant_turns(
 ):
     tok = smollm2_tokenizer
     src = tmp_path / "chats.jsonl"
-    records = [{"messages": CONVERSATION}, {"prompt": "Rain falls.", "response": "The river rises."}]
+    records = [
+        {"messages": CONVERSATION},
+        {"prompt": "Rain falls.", "response": "The river rises."},
+    ]
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
     [window] = list(Packer(tok, 256).windows(read_documents([str(src)])))
     ids = window.input_ids[: window.n_tokens].tolist()
