@@ -54,3 +54,24 @@ def minilm():
     from herllm.memory.knowledge import load_encoder
 
     return load_encoder("minilm")
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_tokenizer(model_dir: Path, template: str | None = CHATML):
+    """The tiny model's tokenizer with ChatML markers and a simple Jinja chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = template
+    return tok
+
+
+@pytest.fixture()
+def chatml_tokenizer(tiny_model_dir):
+    return chat_tokenizer(tiny_model_dir)

@@ -5,6 +5,11 @@ Documents are tokenized one at a time and packed back to back (separated by EOS)
 Each window remembers where it starts: the document id, the document's index in the stream and
 the token offset inside it. That start position is all the durable cursor needs to resume.
 Only the very last window of a finite stream is padded (attention and loss masked).
+
+Chat records (`{"messages": [...]}`, and prompt/response records when the model has a chat
+template, see `stream.chat_template`) are rendered through the tokenizer's chat template and
+only the assistant turns are trained (`herllm.models.chat.chat_training_example`); the
+template writes its own special tokens, so no BOS/EOS is added around them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import numpy as np
 
 from herllm.acquire.sources import WAIT, Document
 from herllm.errors import UserError
+from herllm.models.chat import chat_training_example, has_chat_template
+
+CHAT_TEMPLATE_MODES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,19 @@ class StreamPosition:
     tokens: int = 0
 
 
-def tokenize_document(doc: Document, tokenizer) -> tuple[list[int], list[bool]]:
-    """Token ids and loss mask of one document: [bos] text [eos], or prompt(no loss) response."""
+def tokenize_document(
+    doc: Document, tokenizer, chat_template: str = "auto"
+) -> tuple[list[int], list[bool]]:
+    """Token ids and loss mask of one document: [bos] text [eos], prompt(no loss) response, or
+    a conversation through the chat template (the assistant turns trained, see module doc).
+
+    `chat_template`: `auto` renders messages records always and prompt/response records when
+    the tokenizer has a template; `always` renders both (one line without a template);
+    `never` keeps prompt/response records plain and refuses messages records.
+    """
+    if uses_chat_template(doc, tokenizer, chat_template):
+        ids, mask = chat_training_example(tokenizer, doc.conversation(), doc.doc_id)
+        return list(ids), [bool(m) for m in mask]
     ids: list[int] = []
     mask: list[bool] = []
     if tokenizer.bos_token_id is not None:
@@ -69,6 +88,29 @@ def tokenize_document(doc: Document, tokenizer) -> tuple[list[int], list[bool]]:
     return ids, mask
 
 
+def uses_chat_template(doc: Document, tokenizer, mode: str) -> bool:
+    """Whether `doc` is trained through the chat template (`tokenize_document`)."""
+    if doc.messages is None and doc.response is None:
+        return False  # a text document is never a conversation
+    if mode not in CHAT_TEMPLATE_MODES:
+        raise UserError(f"stream.chat_template={mode!r}: use one of auto, always, never")
+    if doc.messages is not None and mode == "never":
+        raise UserError(
+            f"{doc.doc_id} is a chat 'messages' record, which trains only through a chat "
+            "template, but stream.chat_template=never; set it to auto or drop the record"
+        )
+    if doc.messages is not None or mode == "always":
+        if not has_chat_template(tokenizer):
+            kind = "a chat 'messages' record" if doc.messages is not None else "a chat record"
+            raise UserError(
+                f"{doc.doc_id} is {kind}, but the model's tokenizer has no chat template; use "
+                "--model smollm2-135m (or another model with a chat template), or "
+                "stream.chat_template=never for prompt/response records"
+            )
+        return True
+    return mode == "auto" and has_chat_template(tokenizer)
+
+
 class Packer:
     """Pack a document stream into windows, starting at a given stream position."""
 
@@ -78,8 +120,11 @@ class Packer:
         seq_len: int,
         start: StreamPosition | None = None,
         offsets: dict[int, tuple[int, str]] | None = None,
+        chat_template: str = "auto",
     ):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        """How chat records are tokenized (`tokenize_document`)."""
         self.seq_len = seq_len
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.position = StreamPosition(**vars(start)) if start else StreamPosition()
@@ -114,7 +159,7 @@ class Packer:
                     f"the stream changed since the checkpoint: document {index} is {doc.doc_id!r}, "
                     f"the checkpoint expected {expected!r}; resume with the same sources"
                 )
-            doc_ids, doc_mask = tokenize_document(doc, self.tokenizer)
+            doc_ids, doc_mask = tokenize_document(doc, self.tokenizer, self.chat_template)
             pieces.append((index, doc.doc_id, skip, len(ids)))
             ids.extend(doc_ids[skip:])
             mask.extend(doc_mask[skip:])

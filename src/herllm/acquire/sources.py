@@ -5,8 +5,9 @@ Supported sources, read in a deterministic order:
   layout of the bundled HER-Stream corpus; a file without separators is one document;
 - a directory: every file below it matching the include globs and none of the exclude globs,
   in sorted order (recursive);
-- a JSONL file (`.jsonl`): one object per line with a `text` field, or `prompt` and `response`
-  fields (the loss then covers the response tokens only);
+- a JSONL file (`.jsonl`): one object per line with a `text` field, `prompt` and `response`
+  fields (the loss then covers the response tokens only), or a `messages` list in the OpenAI
+  chat format (trained through the model's chat template, the loss on the assistant turns);
 - `-`: standard input, read as text (or JSONL with `stream.stdin_format`), document by document.
 
 Document ids are `<source path>#<n>` for text records and `<source path>:<line>` for JSONL
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from herllm.errors import UserError
+from herllm.models.chat import check_messages, check_trainable
 
 RECORD_SEP = "\x1e"
 JSONL_SUFFIXES = (".jsonl",)
@@ -50,6 +52,19 @@ class Document:
     """The text to learn from; for prompt/response records, the prompt (no loss on it)."""
     response: str | None = None
     """For prompt/response records: the response (the loss covers these tokens only)."""
+    messages: tuple[tuple[str, str], ...] | None = None
+    """For `{"messages": [...]}` records: the conversation as (role, content) pairs, checked;
+    `text` is then the turns' contents joined by blank lines (what the knowledge store keeps)."""
+
+    def conversation(self) -> list[dict[str, str]] | None:
+        """The chat messages of this document: its `messages`, or its prompt/response as a user
+        and an assistant turn; None for a text document."""
+        if self.messages is not None:
+            return [{"role": r, "content": c} for r, c in self.messages]
+        if self.response is not None:
+            return [{"role": "user", "content": self.text},
+                    {"role": "assistant", "content": self.response}]  # fmt: skip
+        return None
 
 
 @dataclass
@@ -192,10 +207,21 @@ def parse_jsonl_line(line: str, where: str) -> Document | None:
         return Document(where, obj["text"]) if obj["text"].strip() else None
     if isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
         return Document(where, obj["prompt"], obj["response"])
+    if "messages" in obj:
+        return _messages_document(obj["messages"], where)
     raise BadInputError(
-        f"{where}: needs a string 'text' field, or string 'prompt' and 'response' fields; "
-        "fix the line or pass --on-bad-input skip"
+        f"{where}: needs a string 'text' field, string 'prompt' and 'response' fields, or a "
+        "'messages' list; fix the line or pass --on-bad-input skip"
     )
+
+
+def _messages_document(messages: object, where: str) -> Document:
+    try:
+        checked = check_trainable(check_messages(messages, where), where)
+    except UserError as exc:
+        raise BadInputError(f"{exc} (or pass --on-bad-input skip)") from None
+    text = "\n\n".join(m["content"] for m in checked)
+    return Document(where, text, messages=tuple((m["role"], m["content"]) for m in checked))
 
 
 def _read_stdin(fmt: str) -> Iterator[Document]:

@@ -139,6 +139,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt is a user message: render it with the model's chat template and "
+        "print only the assistant's reply",
+    )
+    gen.add_argument(
+        "--user",
+        metavar="NAME",
+        help="answer with user:NAME's passages (and the run's); default: the run's scope, "
+        "knowledge.scope or run:<run directory name>",
+    )
+    gen.add_argument(
+        "--k", type=int, default=None, help="passages retrieved at most (default knowledge.k)"
+    )
+    gen.add_argument(
+        "--no-knowledge",
+        action="store_true",
+        help="do not retrieve from the run's knowledge store (RUN/knowledge.sqlite)",
+    )
     gen.set_defaults(func=cmd_generate)
 
     from herllm.models.pretrain import PretrainConfig

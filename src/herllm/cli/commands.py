@@ -180,11 +180,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
-    m = AdaptedModel.from_run(args.run)
-    routes = [args.adapter or r for r in m.routes(args.prompt)]
-    outs = m.generate(args.prompt, args.adapter, args.max_new_tokens, args.temperature, args.seed)
-    for prompt, route, out in zip(args.prompt, routes, outs, strict=True):
-        print(f"[{route}] {prompt}{out}")
+    if args.k is not None and args.k < 1:
+        raise UserError(f"--k {args.k} must be >= 1 (or pass --no-knowledge)")
+    m = AdaptedModel.from_run(args.run, knowledge=not args.no_knowledge)
+    opts = dict(user=args.user, k=args.k)
+    gen = (args.adapter, args.max_new_tokens, args.temperature, args.seed)
+    if args.chat:
+        outs, used = [], []
+        for prompt in args.prompt:
+            outs.append(m.chat([{"role": "user", "content": prompt}], *gen, **opts))
+            used += m.last_retrieval
+    else:
+        outs = m.generate(args.prompt, *gen, **opts)
+        used = m.last_retrieval
+    routes = [args.adapter or r for r in m.routes(args.prompt, chat=args.chat)]
+    for prompt, route, out, hits in zip(args.prompt, routes, outs, used, strict=True):
+        if hits:  # which passages the answer was given, on stderr: stdout stays the answers
+            ids = ", ".join(f"{h.item.id} ({h.item.doc_id or 'no doc'})" for h in hits)
+            print(f"[knowledge] {len(hits)} passage(s): {ids}", file=sys.stderr)
+        print(f"[{route}] {out}" if args.chat else f"[{route}] {prompt}{out}")
     return 0
 
 

@@ -77,6 +77,11 @@ class StreamConfig:
     follow_settle: Annotated[float, Range(ge=0)] = 0.0
     """With `follow`: a new file in a followed folder counts once unchanged this many seconds
     (0: at once; move finished files in instead)."""
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """How chat records train: `auto` renders `{"messages": [...]}` records through the model's
+    chat template (the loss on the assistant turns only), and prompt/response records too when
+    the model has one; `always` renders both (error without a template); `never` keeps
+    prompt/response records plain (loss on the response) and refuses messages records."""
 
 
 @dataclass
@@ -236,6 +241,36 @@ class EvalConfig:
 
 
 @dataclass
+class KnowledgeConfig:
+    ingest: bool = False
+    """Put every document the learner reads into the run's knowledge store
+    (RUN_DIR/knowledge.sqlite), split into passages with provenance (document id, character
+    offsets, source path); each document once, across crashes and resumes too."""
+    encoder: str = "minilm"
+    """Embedding encoder of ingested passages: `minilm`, `tiny`, `lm:PATH` or `none` (BM25
+    only); a store keeps the encoder it was first written with."""
+    scope: str = ""
+    """Scope of ingested passages and of answers' retrieval, `KIND:ID` (user, agent or run);
+    empty: `run:<run directory name>`."""
+    min_words: Annotated[int, Range(ge=1)] = 100
+    """Passages close at a paragraph end once they have this many words."""
+    max_words: Annotated[int, Range(ge=1)] = 200
+    """Passages hold at most this many words (a short tail joins the passage before)."""
+    k: Annotated[int, Range(ge=1)] = 1
+    """Passages retrieved into an answer's prompt (`herllm generate`) at most. 1 keeps an answer
+    within 30% of its time without retrieval on SmolLM2 (+20%; 3 passages: +52%, the longer
+    prompt's cost), and the store's recall@1 is 0.996 (benchmarks/bench_knowledge_latency.py,
+    bench_retrieval.py)."""
+    threshold: Annotated[float, Range(ge=-1, le=1)] = 0.3
+    """Minimum relevance of a retrieved passage (the cosine with an encoder, else BM25 over its
+    ceiling, which runs lower: about 0.1-0.5 for a match); below it a passage stays out of the
+    prompt. With MiniLM, questions about stored documents scored 0.47-0.92 and unrelated ones
+    0.00-0.24."""
+    budget: Annotated[int, Range(ge=16)] = 1024
+    """Tokens the prompt may take with its passages; the lowest-scored ones are dropped to fit."""
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/default"
     """Where checkpoints, the buffer, metrics and the report go."""
@@ -263,6 +298,8 @@ class RunConfig:
     """Durability."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation."""
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
+    """The knowledge store: ingest of what the learner reads, retrieval into answers."""
 
     def validate(self) -> RunConfig:
         """Every field's own range and choices, then the checks across fields; raises
@@ -287,11 +324,30 @@ class RunConfig:
             raise ConfigError(
                 "expand.grow=true grows adapters at detected shifts; set shift.detect=true"
             )
+        self._validate_knowledge()
         if self.expand.grow and 0 < self.expand.orth_ratio < 0.01:
             raise ConfigError(
                 f"expand.orth_ratio={self.expand.orth_ratio} must be 0 (off) or in [0.01, 1]"
             )
         return self
+
+    def _validate_knowledge(self) -> None:
+        kn = self.knowledge
+        if kn.min_words > kn.max_words:
+            raise ConfigError(
+                f"knowledge.min_words={kn.min_words} > knowledge.max_words={kn.max_words}; "
+                "make min_words <= max_words"
+            )
+        if kn.scope and (kn.scope.partition(":")[0] not in ("user", "agent", "run")
+                         or not kn.scope.partition(":")[2].strip()):  # fmt: skip
+            raise ConfigError(
+                f"knowledge.scope={kn.scope!r} must be KIND:ID with KIND user, agent or run "
+                "(e.g. run:notes), or empty for run:<run directory name>"
+            )
+        if kn.encoder not in ("minilm", "tiny", "none") and not kn.encoder.startswith("lm:"):
+            raise ConfigError(
+                f"knowledge.encoder={kn.encoder!r} must be minilm, tiny, none or lm:PATH"
+            )
 
     @property
     def general_per_batch(self) -> int:

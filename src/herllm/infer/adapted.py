@@ -6,7 +6,21 @@
     m.generate("Call me", adapter="a001")             # one adapter forced (or "base")
     m.routes(["some text", "more text"])              # which adapter each input would use
 
-`herllm generate --run RUN "prompt"` is the same from the command line.
+    m.chat([{"role": "user", "content": "Who wrote it?"}])   # through the chat template
+    m.generate("Where was Ada born?", user="alice")   # with passages from the run's store
+    m.last_retrieval                                  # the passages each prompt was given
+
+`herllm generate --run RUN "prompt"` is the same from the command line (`--chat`, `--user`,
+`--k`, `--no-knowledge`).
+
+Knowledge: when the run has a store (RUN_DIR/knowledge.sqlite, see `herllm.infer.knowledge`
+for the scopes searched), the best passages for each prompt go in front of it
+(`herllm.memory.knowledge.build_prompt`): as a plain `Known facts:` preamble for `generate`
+(text continuation) and in the system message for `chat`. Routing still picks the adapter
+from the user's own input (the prompt, or the conversation as the chat template renders it),
+never from the retrieved passages: the passages may come from another unit's documents and
+would pull the route towards their domain rather than the question's, and a route that does
+not depend on retrieval keeps answers with and without `--no-knowledge` comparable.
 """
 
 from __future__ import annotations
@@ -18,6 +32,10 @@ import torch
 from herllm import atomic as ckpt
 from herllm.config import build_config
 from herllm.errors import UserError
+from herllm.infer.knowledge import RunKnowledge
+from herllm.memory.knowledge.prompt import build_prompt
+from herllm.memory.knowledge.records import Hit
+from herllm.models.chat import apply_chat, check_messages, has_chat_template
 from herllm.models.load import ADAPTER_NAME, attach_lora, load_base
 from herllm.run.adapters_io import load_adapters
 from herllm.update import adapters as ad
@@ -26,15 +44,30 @@ from herllm.update import adapters as ad
 class AdaptedModel:
     """A run's model as users query it (see module doc)."""
 
-    def __init__(self, model, tokenizer, bank: ad.AdapterBank | None, open_key=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        bank: ad.AdapterBank | None,
+        open_key=None,
+        knowledge: RunKnowledge | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.bank = bank
         self.open_key = open_key
+        self.knowledge = knowledge
+        """The run's knowledge store (None: the run has none, or it was turned off)."""
+        self.last_retrieval: list[list[Hit]] = []
+        """The passages put in front of each prompt of the last `generate` / `chat` call, best
+        first (one list per prompt; empty lists without a store)."""
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, step: int | None = None) -> AdaptedModel:
-        """Load the newest checkpoint of `run_dir` (or the one at `step`)."""
+    def from_run(
+        cls, run_dir: str | Path, step: int | None = None, knowledge: bool = True
+    ) -> AdaptedModel:
+        """Load the newest checkpoint of `run_dir` (or the one at `step`); `knowledge=False`
+        leaves the run's knowledge store closed (answers without retrieval)."""
         run = Path(run_dir)
         if not (run / "config.yaml").is_file():
             raise UserError(
@@ -64,7 +97,8 @@ class AdaptedModel:
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
                 open_key = ad.fit_unit_key(model, current["reservoir"], current["id"], bank.current,
                                         cfg.stream.seq_len, pad, device)  # fmt: skip
-        return cls(model, tokenizer, bank, open_key)
+        store = RunKnowledge.open(run, cfg.knowledge) if knowledge else None
+        return cls(model, tokenizer, bank, open_key, store)
 
     # -- routing -----------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -97,22 +131,34 @@ class AdaptedModel:
         extra = [self.open_key] if self.open_key is not None else []
         return ad.RoutedModel(self.model, self.bank, extra, force=force)
 
-    def _encode(self, texts: list[str]) -> dict:
+    def _encode(self, texts: list[str], add_special_tokens: bool = True) -> dict:
         self.tokenizer.padding_side = "left"  # generation continues every prompt at its end
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+        enc = self.tokenizer(
+            texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+        )
         return {
             k: v.to(self.model.device)
             for k, v in enc.items()
             if k in ("input_ids", "attention_mask")
         }
 
-    def routes(self, texts: list[str]) -> list[str]:
-        """The adapter each text would use (`base` when it is far from every unit)."""
+    def routes(self, texts: list[str], chat: bool = False) -> list[str]:
+        """The adapter each text would use (`base` when it is far from every unit); `chat`:
+        each text as a user message, routed as `chat` routes it."""
         if self.bank is None:
             return [ADAPTER_NAME] * len(texts)
-        enc = self._encode(texts)
+        if chat:
+            texts = [apply_chat(self.tokenizer, [{"role": "user", "content": t}]) for t in texts]
+        enc = self._encode(texts, add_special_tokens=not chat)
         names = self.routed().routes(enc["input_ids"], enc["attention_mask"])
         return ["base" if n == ad.BASE else n for n in names]
+
+    # -- answers ----------------------------------------------------------------------------
+    def retrieve(self, query: str, user: str | None = None, k: int | None = None) -> list[Hit]:
+        """The store's passages for `query` (none without a store); see `infer.knowledge`."""
+        if self.knowledge is None:
+            return []
+        return self.knowledge.search(query, user=user, k=k)
 
     @torch.no_grad()
     def generate(
@@ -122,20 +168,75 @@ class AdaptedModel:
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         seed: int = 0,
+        *,
+        user: str | None = None,
+        k: int | None = None,
     ) -> str | list[str]:
-        """Continue each prompt; greedy unless `temperature` > 0."""
+        """Continue each prompt (with the store's passages in front of it, module doc); greedy
+        unless `temperature` > 0. `user` picks whose passages, `k` how many at most."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
-        enc = self._encode(texts)
+        inputs = []
+        for text in texts:
+            hits = self.retrieve(text, user, k)
+            budget = self.knowledge.budget if self.knowledge else None
+            inputs.append(build_prompt(hits, text, self.tokenizer, budget=budget, chat=False))
+        self.last_retrieval = [mi.used for mi in inputs]
+        model_texts = [mi.text for mi in inputs]
+        route = None if model_texts == texts else self._encode(texts)  # route on the prompts
+        enc = self._encode(model_texts)
+        decoded = self._continue(enc, route, adapter, max_new_tokens, temperature, seed)
+        return decoded[0] if single else decoded
+
+    @torch.no_grad()
+    def chat(
+        self,
+        messages: list[dict],
+        adapter: str | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int = 0,
+        *,
+        user: str | None = None,
+        k: int | None = None,
+    ) -> str:
+        """The assistant's reply to a conversation (OpenAI chat messages), rendered by the
+        model's chat template with the generation prompt; passages for the last user message
+        go in the system message. Only the reply is returned."""
+        if not has_chat_template(self.tokenizer):
+            name = Path(str(getattr(self.tokenizer, "name_or_path", "") or "?")).name
+            raise UserError(
+                f"the run's model {name} has no chat template, so it cannot answer chat "
+                "messages; adapt a run with --model smollm2-135m (or generate without --chat)"
+            )
+        messages = check_messages(messages, "chat messages")
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        hits = self.retrieve(users[-1], user, k) if users else []
+        budget = self.knowledge.budget if self.knowledge else None
+        mi = build_prompt(hits, messages, self.tokenizer, budget=budget, chat=True)
+        self.last_retrieval = [mi.used]
+        # the template wrote the special tokens; routing reads the conversation without passages
+        enc = self._encode([mi.text], add_special_tokens=False)
+        route = self._encode([apply_chat(self.tokenizer, messages)], add_special_tokens=False)
+        out = self._continue(enc, route, adapter, max_new_tokens, temperature, seed)
+        return out[0].strip()
+
+    def _continue(self, enc, route, adapter, max_new_tokens, temperature, seed) -> list[str]:
+        """The decoded new tokens of each row of `enc`; `route` (encoded) picks each row's
+        adapter instead of `enc` itself when given."""
         torch.manual_seed(seed)
         kw = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
               "pad_token_id": self.tokenizer.pad_token_id}  # fmt: skip
         if temperature > 0:
             kw["temperature"] = temperature
-        out = self.routed(adapter).generate(**enc, **kw)
+        model = self.routed(adapter)
+        if route is not None and isinstance(model, ad.RoutedModel) and adapter is None:
+            if self.bank.compose == "route":
+                kw["adapter_names"] = model.routes(route["input_ids"], route["attention_mask"])
+            model = self.model
+        out = model.generate(**enc, **kw)
         new = out[:, enc["input_ids"].shape[1] :]
-        decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        return decoded[0] if single else decoded
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
 class _BaseOnly:

@@ -76,6 +76,19 @@ def check_messages(messages: object, where: str = "messages") -> list[dict[str, 
     return out
 
 
+def check_trainable(messages: list[dict], where: str = "conversation") -> list[dict]:
+    """`messages` (already checked) if they can be trained on: an assistant reply to learn,
+    after at least one system or user message."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where}: no assistant message, so nothing to learn; add the reply")
+    if messages[0]["role"] == "assistant":
+        raise UserError(
+            f"{where}: the conversation starts with an assistant message; start it with a "
+            "user (or system) message"
+        )
+    return messages
+
+
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -113,14 +126,7 @@ def chat_training_example(tokenizer, record: object, where: str = "conversation"
     `where` names it in errors (e.g. `chats.jsonl:12`).
     """
     require_chat_template(tokenizer)
-    messages = messages_from_record(record, where)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise UserError(f"{where}: no assistant message, so nothing to learn; add the reply")
-    if messages[0]["role"] == "assistant":
-        raise UserError(
-            f"{where}: the conversation starts with an assistant message; start it with a "
-            "user (or system) message"
-        )
+    messages = check_trainable(messages_from_record(record, where), where)
     if GENERATION_BLOCK.search(_template_text(tokenizer)):
         return _from_generation_blocks(tokenizer, messages, where)
     text, spans = assistant_spans(tokenizer, messages, where)

@@ -20,6 +20,7 @@ from herllm.acquire.sources import SourceStats, read_documents
 from herllm.config import RunConfig, save_yaml
 from herllm.errors import UserError
 from herllm.memory.general import GeneralSampler
+from herllm.memory.knowledge.ingest import build_ingest
 from herllm.memory.ledger import Ledger
 from herllm.memory.replay import ReplayBuffer
 from herllm.models.load import ADAPTER_NAME, attach_lora, load_base
@@ -106,6 +107,8 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
         st = cfg.stream
         follower = FollowedSources(st.sources, st.include, st.exclude, st.on_bad_input, stats,
                                    st.follow_settle)  # fmt: skip
+    # rank 0 is the knowledge store's one writer, as it is the buffer's
+    ingest = build_ingest(run_dir, cfg.knowledge) if cfg.knowledge.ingest and ranks.main else None
     s = RunState(
         cfg=cfg,
         run_dir=run_dir,
@@ -115,7 +118,7 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
         engine=engine,
         selector=selector_from_config(sel),
         buffer=buffer,
-        packer=Packer(tokenizer, cfg.stream.seq_len),
+        packer=Packer(tokenizer, cfg.stream.seq_len, chat_template=cfg.stream.chat_template),
         source_stats=stats,
         eval_sets=load_eval_sets(cfg, tokenizer, accelerator.device),
         protection=Protection(cfg.protect, mean_over_ranks=ranks.mean),
@@ -127,6 +130,7 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
         bank=bank,
         orth=orth,
         follower=follower,
+        ingest=ingest,
     )
     register_components(s)
     return s
@@ -157,6 +161,7 @@ def register_components(s: RunState) -> None:
     r.register("stability", s.stability)
     r.register("metrics_lines", LogLines(s, "metrics.jsonl"))
     r.register("events_lines", LogLines(s, "events.jsonl"), required=False)  # since 2026-11-22
+    # s.ingest needs no entry: the store itself says which documents it holds (ingest.py).
 
 
 def seed_everything(seed: int) -> None:

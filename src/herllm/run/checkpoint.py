@@ -73,7 +73,7 @@ def load_checkpoint(s: RunState) -> None:
     finally:
         weights.restore_from = None
     s.packer = Packer(s.tokenizer, s.cfg.stream.seq_len, position,
-                      s.ranks.sharding.offsets(s.ranks.rank))  # fmt: skip
+                      s.ranks.sharding.offsets(s.ranks.rank), s.cfg.stream.chat_template)  # fmt: skip
     s.last_checkpoint = s.step
 
 

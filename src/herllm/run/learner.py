@@ -70,10 +70,13 @@ class Learner:
         """Set by `stop` (a signal under --follow): the loop ends after the current step."""
 
     def close(self) -> None:
-        """Release the replay buffer (its last commit is the last checkpoint's)."""
+        """Release the replay buffer (its last commit is the last checkpoint's) and the store."""
         if self.s.buffer is not None:
             self.s.buffer.close()
             self.s.buffer = None
+        if self.s.ingest is not None:
+            self.s.ingest.close()
+            self.s.ingest = None
         self.s.ranks.close(self.s.engine)
 
     def __enter__(self) -> Learner:

@@ -23,6 +23,7 @@ from herllm.acquire.sources import WAIT, SourceStats, read_documents
 from herllm.config import RunConfig
 from herllm.errors import UserError
 from herllm.memory.general import GeneralSampler
+from herllm.memory.knowledge.ingest import StreamIngest
 from herllm.memory.ledger import Ledger
 from herllm.memory.replay import ReplayBuffer
 from herllm.parallel.engine import Engine
@@ -62,6 +63,8 @@ class RunState:
     ranks: Ranks
     follower: FollowedSources | None = None
     """The documents of a followed stream (`herllm adapt --follow`), None for a plain one."""
+    ingest: StreamIngest | None = None
+    """Rank 0's writer of read documents into the knowledge store (`knowledge.ingest`)."""
     waiting: bool = False
     """A followed stream had nothing new at the last read."""
     sharded: dict | None = None
@@ -108,6 +111,8 @@ class RunState:
             docs = self.follower if self.follower is not None else read_documents(
                 st.sources, st.include, st.exclude, st.on_bad_input, self.source_stats, st.stdin_format
             )  # fmt: skip
+            if self.ingest is not None:  # before dealing: rank 0 sees every rank's documents
+                docs = self.ingest(docs)
             self._windows = self.packer.windows(self.ranks.shard(iter(docs)))
         out, waiting = [], False
         for w in self._windows:

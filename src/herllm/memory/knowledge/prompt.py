@@ -74,14 +74,17 @@ def build_prompt(
     *,
     budget: int | None = None,
     header: str = HEADER,
+    chat: bool | None = None,
 ) -> ModelInput:
     """The model input for ``prompt`` (text or chat messages) with the best ``hits`` that fit
-    in ``budget`` tokens (no limit when None)."""
+    in ``budget`` tokens (no limit when None). ``chat``: render through the chat template
+    (None: when the tokenizer has one; False: the plain preamble, for text continuation)."""
     if not isinstance(prompt, str):
         _check_messages(prompt)
     if budget is not None and budget < 1:
         raise UserError(f"prompt budget {budget}: give a positive number of tokens")
-    chat = bool(getattr(tokenizer, "chat_template", None))
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
     ranked = sorted((h for h in hits if h.item.text), key=lambda h: -h.score)
     for n in range(len(ranked), -1, -1):
         facts = _facts(ranked[:n], header) if n else None

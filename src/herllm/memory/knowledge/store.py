@@ -324,6 +324,13 @@ class KnowledgeStore:
         with self._lock:
             return [item_from_row(r) for r in self._conn.execute(sql, args)]
 
+    def doc_ids(self, scope: Scope) -> set[str]:
+        """Document ids with an item of any status in ``scope`` (forgotten ones included)."""
+        sql = "SELECT DISTINCT doc_id FROM items WHERE scope_kind = ? AND scope_id = ?"
+        with self._lock:
+            rows = self._conn.execute(sql, (scope.kind, scope.id)).fetchall()
+        return {r[0] for r in rows if r[0] is not None}
+
     def history(self, item_id: str | None = None, scope: Scope | None = None) -> list[Event]:
         """Every change (add, update, supersede, forget, consolidate) in order.
         With ``item_id``: the changes of every version of that item."""
