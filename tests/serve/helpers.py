@@ -16,7 +16,7 @@ from herllm.serve.auth import TokenFile, add_token
 from herllm.serve.learn import create_run
 from herllm.serve.log import LOG_FILE, InFlight, InteractionLog
 from herllm.serve.log_source import INFLIGHT_FILE
-from herllm.serve.versions import Versions
+from herllm.serve.versions import LOAD_LOCK, Versions
 
 
 def make_run(root: Path, settle: float = 0.0) -> tuple[Path, dict[str, str]]:
@@ -37,7 +37,8 @@ def publish_version(run: Path, step: int, seed: int) -> Path:
     from herllm.models.load import ADAPTER_NAME, attach_lora, load_base
 
     cfg = build_config(str(run / "config.yaml"), [])
-    model = attach_lora(load_base(cfg.model)[0], cfg.lora)
+    with LOAD_LOCK:  # the server's watcher may be loading a version right now
+        model = attach_lora(load_base(cfg.model)[0], cfg.lora)
     g = torch.Generator().manual_seed(seed)
     state = {k: (torch.randn(v.shape, generator=g) * 0.5 if "lora_B" in k else v)
              for k, v in get_peft_model_state_dict(model).items()}  # fmt: skip

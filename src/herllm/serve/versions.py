@@ -20,22 +20,25 @@ from pathlib import Path
 from herllm import atomic
 
 BASE_VERSION = "base"
+LOAD_LOCK = threading.RLock()
+"""Held while a model is built: transformers' `from_pretrained` patches process-wide state
+(the meta-device init) and two loads in two threads can leave it patched for good."""
 PIN_FILE = "serve-pin.json"
 log = logging.getLogger("herllm.serve")
 
 
 def load_version(run_dir: Path, step: int | None):
     """The run's model at checkpoint `step` (None: no checkpoint, the base model)."""
-    from herllm.infer.adapted import AdaptedModel
-
-    if step is not None:
-        return AdaptedModel.from_run(run_dir, step)
     from herllm.config import build_config
+    from herllm.infer.adapted import AdaptedModel
     from herllm.models.load import attach_lora, load_base
 
-    cfg = build_config(str(run_dir / "config.yaml"), [])
-    base, tokenizer = load_base(cfg.model)
-    return AdaptedModel(attach_lora(base, cfg.lora), tokenizer, None)
+    with LOAD_LOCK:
+        if step is not None:
+            return AdaptedModel.from_run(run_dir, step)
+        cfg = build_config(str(run_dir / "config.yaml"), [])
+        base, tokenizer = load_base(cfg.model)
+        return AdaptedModel(attach_lora(base, cfg.lora), tokenizer, None)
 
 
 class Versions:
