@@ -56,6 +56,9 @@ class ServeDeps:
     metrics: Metrics = field(default_factory=Metrics)
     watch_poll: float | None = 0.5
     """Seconds between looks for a new adapter version (None: only when asked)."""
+    on_shutdown: list = field(default_factory=list)
+    """Called when the app stops (e.g. stopping the learner it started); uvicorn re-raises
+    SIGTERM after its shutdown, so code after `uvicorn.run` would not run."""
 
     def model_ids(self) -> list[str]:
         version = self.versions.current()[0]
@@ -100,6 +103,8 @@ def create_app(deps: ServeDeps) -> FastAPI:
             deps.versions.watch(deps.watch_poll)
         yield
         deps.versions.stop()
+        for stop in deps.on_shutdown:
+            stop()
 
     app = FastAPI(title="herllm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.deps = deps

@@ -63,11 +63,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     deps, learner = build_deps(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(f"herllm serve: {deps.model_name} from {args.run_dir} on http://{args.host}:{args.port}/")
-    try:
-        uvicorn.run(create_app(deps), host=args.host, port=args.port, log_level="warning")
-    finally:
-        if learner is not None:
-            learner.stop()
+    if learner is not None:
+        deps.on_shutdown.append(learner.stop)
+    uvicorn.run(create_app(deps), host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -76,6 +76,15 @@ def adapt_args_for_log(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _term_with_parent() -> None:
+    """Linux: the learner gets SIGTERM (checkpoint, exit) when the server dies, even by kill -9."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class LearnerProcess:
     """`herllm adapt --follow RUN_DIR` as a child process of the server."""
 
@@ -83,7 +92,8 @@ class LearnerProcess:
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         cmd = [sys.executable, "-m", "herllm.cli", "adapt", "--follow", str(run_dir), "--quiet"]
         out = open(log_file or run_dir / "learner.log", "ab")  # noqa: SIM115 - the child's
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=_term_with_parent)  # fmt: skip
         out.close()
 
     def alive(self) -> bool:
