@@ -10,6 +10,10 @@ stops on SIGTERM or Ctrl-C.
   first seen (name order within one look). Move finished files in (write elsewhere, then
   rename) or give them `--set stream.follow_settle=S` seconds without change before they count.
 
+Other kinds of growing source register themselves with `register_followed_kind` (the server's
+interaction log does, in `herllm.serve.log_source`): a test on the path and a factory of a
+poll function that yields the new Documents.
+
 The order in which folder files were first seen is this source's state (`state_dict`): a resumed
 run reads them in that order again, so the cursor's document indices stay valid however the
 files' names or times sort.
@@ -18,7 +22,7 @@ files' names or times sort.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from herllm.acquire.sources import (
@@ -34,6 +38,17 @@ from herllm.acquire.sources import (
     _read_text,
     parse_jsonl_line,
 )
+
+Poll = Callable[[], Iterator[Document]]
+_KINDS: list[tuple[Callable[[Path], bool], Callable[[Path, FollowedSources], Poll]]] = []
+
+
+def register_followed_kind(
+    matches: Callable[[Path], bool], open_poll: Callable[[Path, FollowedSources], Poll]
+) -> None:
+    """A kind of growing source: `matches(path)` says a source is one; `open_poll(path,
+    followed)` returns the function each look calls for its new Documents."""
+    _KINDS.append((matches, open_poll))
 
 
 class FollowedSources:
@@ -55,6 +70,13 @@ class FollowedSources:
         self._offsets: dict[
             str, tuple[int, int]
         ] = {}  # growing file -> (bytes read, lines/records)
+        self._polls: dict[str, Poll] = {}
+        for src in sources:
+            path = Path(src).expanduser()
+            for matches, open_poll in _KINDS:
+                if matches(path):
+                    self._polls[src] = open_poll(path, self)
+                    break
 
     def state_dict(self) -> dict:
         return {"seen": list(self.seen)}
@@ -75,7 +97,9 @@ class FollowedSources:
     def _poll(self) -> Iterator[Document]:
         for src in self.sources:
             path = Path(src).expanduser()
-            if path.is_dir():
+            if src in self._polls:
+                yield from self._polls[src]()
+            elif path.is_dir():
                 yield from self._poll_folder(path)
             elif path.suffix in JSONL_SUFFIXES:
                 yield from self._poll_jsonl(path, src)

@@ -27,6 +27,7 @@ from herllm.cli.flags import ALIASES, LIST_ALIASES, add_dataclass_flags
 from herllm.errors import UserError
 from herllm.memory.knowledge import cli as knowledge_cli
 from herllm.models import cli as models_cli
+from herllm.serve import cli as serve_cli
 
 
 def tune_malloc() -> None:
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models_cli.register(sub)  # herllm models: the registry, what is installed and cached
     knowledge_cli.register(sub)  # herllm knowledge add | search | forget | history | list
+    serve_cli.register(sub)  # herllm serve RUN_DIR: the OpenAI-compatible server
     pre = sub.add_parser("pretrain", help="pretrain a small Llama base model from scratch")
     pre.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"

@@ -16,6 +16,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from herllm.config import build_config
     from herllm.run.learner import Learner
 
+    if args.follow:  # `--follow RUN_DIR` with an interaction log: that run, following its log
+        from herllm.serve.learn import adapt_args_for_log
+
+        args = adapt_args_for_log(args)
     overrides = overrides_from_args(args) + list(args.set)
     if args.strategy:
         from herllm.strategies import strategy_overrides

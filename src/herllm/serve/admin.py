@@ -1,0 +1,50 @@
+"""Admin routes (an admin token): roll back the serving version, forget a user, export."""
+
+import json
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from herllm.memory.knowledge import Scope
+from herllm.serve import schemas as S
+from herllm.serve.auth import Principal
+from herllm.serve.errors import ApiError
+
+
+def register(app: FastAPI, deps, admin) -> None:
+    from herllm.serve.routes import parse
+
+    @app.post("/v1/admin/rollback")
+    async def rollback(
+        request: Request, _who: Annotated[Principal, Depends(admin)]
+    ) -> JSONResponse:
+        """Serve an earlier version (it stays pinned until `latest`)."""
+        req = await parse(request, S.RollbackRequest)
+        try:
+            serving = await run_in_threadpool(deps.versions.pin, req.version)
+        except KeyError:
+            raise ApiError(404, f"no version {req.version!r}; GET /v1/models lists them "
+                           "(or give latest)", param="version", code="not_found") from None  # fmt: skip
+        return JSONResponse({"serving": serving, "pinned": deps.versions.pinned()})
+
+    @app.post("/v1/admin/forget")
+    async def forget(request: Request, _who: Annotated[Principal, Depends(admin)]) -> JSONResponse:
+        """Erase a user's exchanges from the log and their facts from the knowledge store."""
+        body = json.loads(await request.body() or b"{}")
+        user = body.get("user") if isinstance(body, dict) else None
+        if not isinstance(user, str) or not user:
+            raise ApiError(400, 'give the user to forget: {"user": NAME}', param="user")
+        rows = await run_in_threadpool(deps.log.forget_user, user)
+        facts = 0
+        if deps.store is not None:
+            for item in deps.store.list(Scope("user", user)):
+                deps.store.forget(item.id, actor="admin")
+                facts += 1
+        return JSONResponse({"user": user, "exchanges_deleted": rows, "facts_forgotten": facts})
+
+    @app.get("/v1/admin/export")
+    def export(_who: Annotated[Principal, Depends(admin)], user: str | None = None) -> Response:
+        lines = "".join(json.dumps(r) + "\n" for r in deps.log.rows(user))
+        return Response(lines, media_type="application/x-ndjson")
