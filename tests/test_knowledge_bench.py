@@ -4,14 +4,31 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
+from pathlib import Path
 
 import pytest
 
+from herllm.bench.knowledge import load_documents
 from herllm.cli import main
+from herllm.errors import UserError
 
-pytestmark = pytest.mark.slow
+
+def test_data_file_is_checked_and_the_bundled_half_ships_with_its_license(tmp_path):
+    docs = load_documents("")
+    assert len(docs) == 65 and len(docs[0]["gen_input"]) == 5
+    root = Path(str(resources.files("herllm"))) / "assets/fictional-knowledge"
+    assert (root / "LICENSE").is_file() and "Apache" in (root / "SOURCE.md").read_text()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"train_context": "x", "mem_input": []}]))
+    with pytest.raises(UserError, match="record 0 lacks mem_target"):
+        load_documents(str(bad))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(docs[:4]))
+    assert load_documents(str(good)) == docs[:4]
 
 
+@pytest.mark.slow
 def test_quick_knowledge_scenario_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--scenario", "knowledge", "--quick", "--quiet", "--out", str(out)]) == 0
@@ -32,6 +49,7 @@ def test_quick_knowledge_scenario_runs_end_to_end(tmp_path, capsys):
     assert "| knowledge+consolidate |" in report and "## Targets" in report
 
 
+@pytest.mark.slow
 def test_knowledge_consolidate_cli_on_a_run(tmp_path, capsys):
     text = tmp_path / "stream.txt"
     text.write_text("The river carries what the mountain gives it. " * 60, encoding="utf-8")
