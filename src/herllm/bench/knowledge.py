@@ -72,6 +72,8 @@ class KnowledgeBenchConfig:
     """Teacher prompts per item."""
     new_tokens: int = 32
     """Tokens the teacher generates per prompt."""
+    consolidate_lr: float = 3e-4
+    """Learning rate of consolidation (at 1e-3 on SmolLM2 the gate rejected every one)."""
     tolerance: float = 0.02
     """Consolidation gate: largest relative NLL rise allowed on the retention sets."""
     lr: float = 1e-3
@@ -86,7 +88,8 @@ class KnowledgeBenchConfig:
 
 
 QUICK = {"model": "herllm-tiny", "docs": 4, "orders": 1, "passes": 2, "encoder": "none",
-         "prompts": 4, "new_tokens": 16, "general_windows": 4, "latency_probes": 4}  # fmt: skip
+         "prompts": 4, "new_tokens": 16, "general_windows": 4, "latency_probes": 4,
+         "consolidate_lr": 1e-3}  # fmt: skip
 """`--quick`: herllm-tiny, 4 documents, 1 order, 2 passes, BM25, small consolidation."""
 
 
@@ -234,7 +237,7 @@ class OrderRun:
             items = stable_items(store, scope, min_retrievals=0)
             retention = {"general": self.gate, **({"earlier": earlier} if earlier else {})}
             res = consolidate(model, self.tok, store, items, run_dir=run, retention=retention,
-                              passes=self.bc.consolidate_passes, lr=self.bc.lr,
+                              passes=self.bc.consolidate_passes, lr=self.bc.consolidate_lr,
                               prompts=self.bc.prompts, new_tokens=self.bc.new_tokens,
                               tolerance=self.bc.tolerance, seed=self.bc.seed + q)  # fmt: skip
             tokens += res.tokens_trained if res.accepted else 0
