@@ -104,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="benchmark strategies on a domain stream; writes results + report"
     )
     bench.add_argument("--quiet", action="store_true", help="no per-run progress lines")
+    bench.add_argument(
+        "--scenario",
+        choices=("domains", "knowledge"),
+        default="domains",
+        help="domains: the domain stream (default); knowledge: Fictional Knowledge",
+    )
+    from herllm.bench.knowledge import KnowledgeBenchConfig
+
+    for flag in ("data", "docs", "passes"):  # short forms of the knowledge scenario's own flags
+        bench.add_argument(f"--{flag}", dest=f"cfg:knowledge.{flag}", default=argparse.SUPPRESS)
+    add_dataclass_flags(bench, KnowledgeBenchConfig, prefix="knowledge.")
+    bench.add_argument("--quick", action="store_true", help="knowledge: herllm-tiny, minutes")
     add_dataclass_flags(bench, BenchConfig)
     bench.set_defaults(func=cmd_bench)
 

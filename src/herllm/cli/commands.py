@@ -103,12 +103,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
     from herllm.bench.report import render_report
     from herllm.bench.runner import BenchConfig, run_bench
     from herllm.config import apply_overrides, from_dict
 
+    if args.scenario == "knowledge":
+        from herllm.bench.knowledge import main_from_args
+
+        return main_from_args(
+            args, overrides_from_args(args), shlex.join(["herllm", *sys.argv[1:]])
+        )
     bc = from_dict(BenchConfig, apply_overrides({}, overrides_from_args(args)))
-    import shlex
 
     results = run_bench(
         bc,

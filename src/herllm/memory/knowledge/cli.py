@@ -62,7 +62,40 @@ def register(subparsers) -> argparse.ArgumentParser:
     listing = sub.add_parser("list", parents=[common], help="the items of a scope")
     listing.add_argument("--all", action="store_true", help="every version, not only active")
     listing.set_defaults(func=cmd_list)
+    cons = sub.add_parser(
+        "consolidate", parents=[common], help="distil stable items into the run's adapter"
+    )
+    cons.add_argument("--min-retrievals", type=int, default=1, help="stable: retrieved >= N")
+    cons.add_argument("--passes", type=int, default=3, help="passes over the teacher's samples")
+    cons.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter")
+    cons.add_argument("--tolerance", type=float, default=0.02, help="gate: max NLL rise (share)")
+    cons.add_argument("--undo", metavar="ENTRY", help="roll back consolidation ENTRY instead")
+    cons.set_defaults(func=cmd_consolidate)
     return knowledge
+
+
+def cmd_consolidate(args) -> int:
+    from herllm.memory.knowledge.consolidate_run import consolidate_run, undo_run
+
+    if not args.run:
+        raise UserError("herllm knowledge consolidate: give --run RUN_DIR (its store and adapter)")
+    if args.undo:
+        items, path = undo_run(args.run, args.undo)
+        print(f"rolled back {args.undo} ({len(items)} items): checkpoint {path}")
+        return 0
+    res, path = consolidate_run(
+        args.run, _scope(args, required=True), min_retrievals=args.min_retrievals,
+        passes=args.passes, lr=args.lr, tolerance=args.tolerance, actor=args.actor,
+    )  # fmt: skip
+    what = f"{len(res.items)} items, KL {res.kl_before:.3f} -> {res.kl_after:.3f}"
+    if args.json:
+        print(json.dumps({"entry": res.entry, "accepted": res.accepted, "items": res.items,
+                          "checkpoint": str(path) if path else None, "reason": res.reason}))  # fmt: skip
+    elif res.accepted:
+        print(f"consolidated {res.entry}: {what}; checkpoint {path}")
+    else:
+        print(f"rejected ({what}): {res.reason}; the adapter is unchanged")
+    return 0 if res.accepted else 1
 
 
 def _store_path(args) -> Path:

@@ -292,7 +292,7 @@ class KnowledgeStore:
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return [r[0] for r in rows]
 
-    def set_consolidated(self, item_id: str, into: str, *, actor: str | None = None) -> Item:
+    def set_consolidated(self, item_id: str, into: str | None, *, actor: str | None = None) -> Item:
         """Record that a ledger unit / entry absorbed this item."""
         with self._tx() as c:
             item = self._get(c, item_id)

@@ -1,0 +1,395 @@
+"""Consolidation: distil stable knowledge items into the adapter (prompt distillation).
+
+For each item the TEACHER is the model as it is now (its adapter included, so earlier
+consolidations are kept) with the item's passage in its context; the STUDENT is the same model
+without the passage. The teacher continues a few prompts cut from the passage's own sentences
+(greedy, or sampled with a fixed seed); the student is trained into the LoRA adapter for a few
+passes to match the teacher's next-token distributions over those generated tokens:
+
+    loss = KL(teacher || student), teacher truncated to its top-k tokens and renormalised
+
+(a 49k vocabulary stays cheap: k log-probs per position are kept, not the full rows).
+
+Gate: held-out retention sets (general text, earlier consolidations' samples) are measured before
+and after; when one's NLL rises by more than ``tolerance`` (relative), the adapter weights are
+restored exactly and the consolidation is reported as rejected. An accepted one is a ledger entry
+(``RUN/ledger.jsonl``, type ``consolidation``) with the adapter weights before and after it
+(``RUN/consolidations/<entry>/``), so :func:`rollback_consolidation` restores them bit-exactly;
+its items are marked with ``store.set_consolidated(item_id, entry)``.
+
+This lives beside the store (not in ``update/``) because it is the store's last step: it reads
+items, marks them and uses the store's prompt format; it needs only ``models/`` and PEFT's
+LoRA, not the learner. :func:`finetune_passages` is the plain fine-tuning to compare with.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from herllm.errors import UserError
+from herllm.memory.knowledge.prompt import HEADER
+from herllm.memory.knowledge.records import Item
+
+CONTINUE = "Continue the text."
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+# ---- prompts ---------------------------------------------------------------------------------
+
+
+def render(tokenizer, prompt: str, passages: Sequence[str] = ()) -> str:
+    """The model input that continues ``prompt`` with ``passages`` as known facts: in the system
+    message of the chat template (the assistant's turn starts with ``prompt``), or without a
+    template as the plain preamble of :func:`build_prompt`."""
+    facts = "\n".join([HEADER, *(f"- {' '.join(p.split())}" for p in passages)])
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": facts}] if passages else []
+        messages.append({"role": "user", "content": CONTINUE})
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return head + prompt
+    return f"{facts}\n\n{prompt}" if passages else prompt
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered input (a chat template already wrote its special tokens)."""
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not chat and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def passage_prompts(text: str, n: int, cut: float = 0.4) -> list[str]:
+    """Up to ``n`` prompts: the first ``cut`` of the words of evenly spaced sentences."""
+    sentences = [s for s in _SENTENCE.split(" ".join(text.split())) if len(s.split()) >= 4]
+    if not sentences:
+        return [" ".join(text.split()[:8])]
+    step = max(1, len(sentences) / n)
+    picked = [sentences[int(i * step)] for i in range(min(n, len(sentences)))]
+    return [" ".join(s.split()[: max(2, int(len(s.split()) * cut))]) for s in picked]
+
+
+# ---- the distillation signal -------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One generated continuation: the student's ids, and the teacher's top-k at its tokens."""
+
+    student_ids: list[int]
+    gen_start: int
+    """Index in ``student_ids`` of the first generated token."""
+    top_logp: torch.Tensor  # (G, k) teacher log-probs over its top-k, renormalised
+    top_idx: torch.Tensor  # (G, k) their token ids
+
+
+def topk_kl(top_logp: torch.Tensor, top_idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher_topk || student): ``sum_k p_k (log p_k - log q_k)``
+    with p the teacher renormalised over its top-k and q the student's full softmax (so the
+    value is >= 0, and 0 only when the student puts the teacher's top-k mass there).
+    top_logp, top_idx: (G, k); logits: (G, V)."""
+    student = F.log_softmax(logits.float(), dim=-1).gather(-1, top_idx)  # (G, k)
+    return (top_logp.exp() * (top_logp - student)).sum(-1).mean()
+
+
+@torch.no_grad()
+def _generate(model, ids: list[int], new_tokens: int, sample: bool, pad_id: int) -> list[int]:
+    x = torch.tensor([ids], device=model.device)
+    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                         do_sample=sample, top_k=50 if sample else None, temperature=None,
+                         top_p=None, pad_token_id=pad_id, use_cache=True)  # fmt: skip
+    return out[0, len(ids) :].tolist()
+
+
+@torch.no_grad()
+def teacher_samples(model, tokenizer, passage: str, *, prompts: int = 8, new_tokens: int = 32,
+                    topk: int = 32, sample: bool = False, seed: int = 0) -> list[Sample]:  # fmt: skip
+    """The teacher (``model`` with ``passage`` in context) continues prompts from the passage."""
+    model.eval()
+    out = []
+    for j, prompt in enumerate(passage_prompts(passage, prompts)):
+        torch.manual_seed(seed + j)
+        teacher = encode(tokenizer, render(tokenizer, prompt, [passage]))
+        gen = _generate(model, teacher, new_tokens, sample, tokenizer.pad_token_id)
+        if not gen:
+            continue
+        full = torch.tensor([teacher + gen], device=model.device)
+        logits = model(input_ids=full).logits[0, len(teacher) - 1 : -1]  # (G, V)
+        top, idx = logits.float().log_softmax(-1).topk(min(topk, logits.shape[-1]), dim=-1)
+        top = top - top.logsumexp(-1, keepdim=True)  # renormalised over the top-k
+        student = encode(tokenizer, render(tokenizer, prompt))
+        out.append(Sample(student + gen, len(student), top.cpu(), idx.cpu()))
+    return out
+
+
+def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def batch_kl(model, samples: list[Sample], pad_id: int) -> torch.Tensor:
+    """Mean top-k KL of the student over a batch of samples (with grad when training)."""
+    ids, mask = _pad([s.student_ids for s in samples], pad_id, model.device)
+    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    losses = []
+    for i, s in enumerate(samples):
+        g = s.top_idx.shape[0]
+        rows = logits[i, s.gen_start - 1 : s.gen_start - 1 + g]  # (G, V)
+        losses.append(topk_kl(s.top_logp.to(rows.device), s.top_idx.to(rows.device), rows))
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def student_kl(model, samples: list[Sample], pad_id: int, batch_size: int = 8) -> float:
+    """Mean KL(teacher || student) over ``samples``, no grad."""
+    was = model.training
+    model.eval()
+    parts = [
+        float(batch_kl(model, samples[i : i + batch_size], pad_id)) * len(samples[i : i + batch_size])
+        for i in range(0, len(samples), batch_size)
+    ]  # fmt: skip
+    model.train(was)
+    return sum(parts) / max(len(samples), 1)
+
+
+def sample_batches(samples: list[Sample], pad_id: int, batch_size: int = 8) -> list[dict]:
+    """Samples as LM batches (labels on the generated tokens): an earlier-units retention set."""
+    out = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        ids, mask = _pad([s.student_ids for s in chunk], pad_id, "cpu")
+        labels = torch.full_like(ids, -100)
+        for j, s in enumerate(chunk):
+            labels[j, s.gen_start : len(s.student_ids)] = ids[j, s.gen_start : len(s.student_ids)]
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+# ---- adapter weights -------------------------------------------------------------------------
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """Copies of the trainable (adapter) weights, by parameter name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved adapter weights back in place (bit-exact)."""
+    params = dict(model.named_parameters())
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise UserError(f"adapter snapshot does not match the model: no parameter {missing[0]}")
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v.to(params[n].device))
+
+
+def _trainable(model) -> list[torch.nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("consolidation needs a model with a trainable LoRA adapter (attach_lora)")
+    return params
+
+
+@torch.no_grad()
+def retention_nll(model, batches: list[dict]) -> float:
+    """Token-weighted mean NLL of ``batches`` (input_ids, attention_mask, labels)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        logits = model(input_ids=b["input_ids"].to(model.device),
+                       attention_mask=b["attention_mask"].to(model.device)).logits  # fmt: skip
+        labels = b["labels"].to(model.device)[:, 1:]  # (B, T-1)
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                              ignore_index=-100, reduction="sum")  # fmt: skip
+        total, count = total + float(nll), count + int((labels != -100).sum())
+    model.train(was)
+    return total / count if count else float("nan")
+
+
+# ---- consolidation ---------------------------------------------------------------------------
+
+
+@dataclass
+class ConsolidationResult:
+    entry: str | None
+    """Ledger entry id (None when rejected)."""
+    accepted: bool
+    items: list[str]
+    kl_before: float
+    kl_after: float
+    retention_before: dict[str, float]
+    retention_after: dict[str, float]
+    tokens_trained: int
+    seconds: float
+    reason: str | None = None
+    samples: list[Sample] = field(default_factory=list, repr=False)
+
+
+def _entry_id(run_dir: Path) -> str:
+    ledger = run_dir / "ledger.jsonl"
+    lines = ledger.read_text(encoding="utf-8").splitlines() if ledger.is_file() else []
+    n = sum(1 for line in lines if '"type": "consolidation"' in line)
+    return f"cons-{n + 1:04d}"
+
+
+def consolidate(
+    model,
+    tokenizer,
+    store,
+    items: Sequence[Item],
+    *,
+    run_dir: str | Path,
+    passes: int = 3,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    prompts: int = 8,
+    new_tokens: int = 32,
+    topk: int = 32,
+    sample: bool = False,
+    retention: dict[str, list[dict]] | None = None,
+    tolerance: float = 0.02,
+    seed: int = 0,
+    actor: str = "consolidate",
+) -> ConsolidationResult:
+    """Distil ``items`` into ``model``'s trainable adapter (module doc); returns what happened.
+    ``retention``: named held-out batch lists (input_ids, attention_mask, labels) for the gate."""
+    start, run = time.perf_counter(), Path(run_dir)
+    params, pad = _trainable(model), tokenizer.pad_token_id
+    samples = [s for j, it in enumerate(items) if it.text
+               for s in teacher_samples(model, tokenizer, it.text, prompts=prompts,
+                                        new_tokens=new_tokens, topk=topk, sample=sample,
+                                        seed=seed + 1000 * j)]  # fmt: skip
+    if not samples:
+        raise UserError("nothing to consolidate: the items have no text (forgotten?)")
+    before = adapter_state(model)
+    ret_before = {k: retention_nll(model, b) for k, b in (retention or {}).items()}
+    kl_before = student_kl(model, samples, pad, batch_size)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng, tokens = random.Random(seed), 0
+    model.train()
+    for _ in range(passes):  # a few passes over the teacher's samples
+        order = list(range(len(samples)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            chunk = [samples[j] for j in order[i : i + batch_size]]
+            loss = batch_kl(model, chunk, pad)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            tokens += sum(len(s.student_ids) for s in chunk)
+    model.eval()
+    kl_after = student_kl(model, samples, pad, batch_size)
+    ret_after = {k: retention_nll(model, b) for k, b in (retention or {}).items()}
+    hurt = [k for k in ret_after if ret_after[k] > ret_before[k] * (1.0 + tolerance)]
+    ids = [it.id for it in items if it.text]
+    result = ConsolidationResult(None, not hurt, ids, kl_before, kl_after, ret_before, ret_after,
+                                 tokens, 0.0, samples=samples)  # fmt: skip
+    if hurt:
+        load_adapter_state(model, before)
+        result.reason = "; ".join(
+            f"{k} NLL {ret_before[k]:.4f} -> {ret_after[k]:.4f} (over +{tolerance:.0%})"
+            for k in hurt
+        )
+    else:
+        result.entry = _record(run, before, adapter_state(model), result, store, actor)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _record(run: Path, before, after, result: ConsolidationResult, store, actor: str) -> str:
+    entry = _entry_id(run)
+    snap = run / "consolidations" / entry
+    snap.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous().cpu() for k, v in before.items()}, str(snap / "before.safetensors")
+    )
+    save_file({k: v.contiguous().cpu() for k, v in after.items()}, str(snap / "after.safetensors"))
+    record = {"type": "consolidation", "entry": entry, "time": time.time(),
+              "snapshot": f"consolidations/{entry}",
+              **{k: v for k, v in asdict(result).items() if k not in ("entry", "samples")}}  # fmt: skip
+    with open(run / "ledger.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    if store is not None:
+        for item_id in result.items:
+            store.set_consolidated(item_id, entry, actor=actor)
+    return entry
+
+
+def rollback_consolidation(model, run_dir: str | Path, entry: str, store=None) -> list[str]:
+    """Restore the adapter weights saved before ``entry`` (bit-exact); un-mark its items.
+    Returns the items' ids. (Later consolidations are undone too: the weights go back.)"""
+    run = Path(run_dir)
+    records = [json.loads(x) for x in (run / "ledger.jsonl").read_text("utf-8").splitlines() if x]
+    found = [r for r in records if r.get("type") == "consolidation" and r["entry"] == entry]
+    if not found:
+        raise UserError(f"no consolidation {entry!r} in {run}/ledger.jsonl")
+    load_adapter_state(model, load_file(str(run / found[0]["snapshot"] / "before.safetensors")))
+    with open(run / "ledger.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"type": "consolidation_rollback", "entry": entry}) + "\n")
+    if store is not None:
+        for item_id in found[0]["items"]:
+            store.set_consolidated(item_id, None, actor="rollback")
+    return found[0]["items"]
+
+
+def stable_items(store, scope, *, min_retrievals: int = 1) -> list[Item]:
+    """Active, not yet consolidated items retrieved at least ``min_retrievals`` times."""
+    return [it for it in store.list(scope) if it.text and it.consolidated_into is None
+            and it.retrieval_count >= min_retrievals]  # fmt: skip
+
+
+# ---- the comparison: plain fine-tuning ----------------------------------------------------------
+
+
+def finetune_passages(model, tokenizer, texts: Sequence[str], *, tokens: int | None = None,
+                      passes: int = 1, lr: float = 1e-3, batch_size: int = 8, seq_len: int = 128,
+                      seed: int = 0) -> int:  # fmt: skip
+    """Plain next-token fine-tuning of the adapter on ``texts`` (cut into ``seq_len`` windows),
+    for ``passes`` passes or until ``tokens`` trained tokens; returns the tokens trained."""
+    params, pad = _trainable(model), tokenizer.pad_token_id
+    windows = []
+    for t in texts:
+        ids = encode(tokenizer, t) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id else [])
+        windows += [ids[i : i + seq_len] for i in range(0, len(ids), seq_len) if len(ids) - i > 1]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng, done = random.Random(seed), 0
+    model.train()
+    for _ in range(passes if tokens is None else 10_000):
+        order = list(range(len(windows)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            chunk = [windows[j] for j in order[i : i + batch_size]]
+            if tokens is not None:  # the budget: cut the last batch to fit
+                left = tokens - done
+                chunk = [w[: max(2, left // len(chunk))] for w in chunk] if left > 0 else []
+            if not chunk:
+                model.eval()
+                return done
+            ids, mask = _pad(chunk, pad, model.device)
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            done += int(mask.sum())
+    model.eval()
+    return done

@@ -1,0 +1,98 @@
+"""Consolidation (prompt distillation into the adapter): it moves the student toward the teacher,
+an accepted one rolls back bit-exactly, and the gate rejects one that hurts general text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from herllm.config import LoraConfig, ModelConfig
+from herllm.memory.knowledge import KnowledgeStore, Scope
+from herllm.memory.knowledge.consolidate import (
+    adapter_state,
+    consolidate,
+    passage_prompts,
+    render,
+    rollback_consolidation,
+    stable_items,
+    topk_kl,
+)
+from herllm.models.load import attach_lora, load_base
+
+FACT = (
+    "Zorvath Keep was founded by the weaver Ilsa Marrow in 1742. The keep guards the Quillan "
+    "Pass. Its bell, named Old Tamsin, rings at every full moon. The keepers brew a blue tea "
+    "called marrowleaf."
+)
+GENERAL = "The cat sat on the mat. The sun rose over the hills and the farmers went to the fields."
+
+
+@pytest.fixture()
+def tiny():
+    torch.manual_seed(0)
+    base, tok = load_base(ModelConfig(name_or_path="herllm-tiny"))
+    return attach_lora(base, LoraConfig(r=8, alpha=16)), tok
+
+
+@pytest.fixture()
+def store(tmp_path):
+    s = KnowledgeStore(tmp_path / "k.sqlite")
+    s.add(FACT, scope=Scope("run", "t"), doc_id="zorvath")
+    yield s
+    s.close()
+
+
+def general_batches(tok):
+    ids = tok(GENERAL * 3, return_tensors="pt")["input_ids"][:, :64]
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
+
+
+def test_topk_kl_is_zero_at_the_teacher_and_positive_elsewhere():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    top, idx = logits.log_softmax(-1).topk(4)
+    assert float(topk_kl(top, idx, logits)) == pytest.approx(0.0, abs=1e-6)
+    assert float(topk_kl(top, idx, torch.zeros(1, 4))) > 0.1
+
+
+def test_render_puts_the_passage_only_in_the_teacher_input(tiny):
+    _, tok = tiny
+    assert render(tok, "Zorvath Keep was", ["a fact"]).endswith("- a fact\n\nZorvath Keep was")
+    assert render(tok, "Zorvath Keep was") == "Zorvath Keep was"
+    assert passage_prompts(FACT, 2) == ["Zorvath Keep was founded", "Its bell, named Old"]
+
+
+def test_consolidation_moves_toward_the_teacher_and_rolls_back_bit_exactly(tiny, store, tmp_path):
+    model, tok = tiny
+    items = stable_items(store, Scope("run", "t"), min_retrievals=0)
+    before = adapter_state(model)
+    res = consolidate(model, tok, store, items, run_dir=tmp_path, passes=8, lr=3e-3,
+                      retention={"general": general_batches(tok)}, tolerance=10.0)  # fmt: skip
+    assert res.accepted and res.entry == "cons-0001"
+    assert res.kl_after < 0.5 * res.kl_before, (res.kl_before, res.kl_after)
+    assert store.get(items[0].id).consolidated_into == "cons-0001"
+    assert stable_items(store, Scope("run", "t"), min_retrievals=0) == []
+    record = json.loads((tmp_path / "ledger.jsonl").read_text().splitlines()[0])
+    assert record["type"] == "consolidation" and record["items"] == [items[0].id]
+    changed = adapter_state(model)
+    assert any(not torch.equal(changed[k], before[k]) for k in before)
+    assert rollback_consolidation(model, tmp_path, "cons-0001", store) == [items[0].id]
+    after = adapter_state(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert store.get(items[0].id).consolidated_into is None
+
+
+def test_gate_rejects_a_consolidation_that_hurts_general_text(tiny, store, tmp_path):
+    model, tok = tiny
+    items = stable_items(store, Scope("run", "t"), min_retrievals=0)
+    before = adapter_state(model)
+    # a learning rate of 1 wrecks the adapter: general text's NLL jumps far past 2%
+    res = consolidate(model, tok, store, items, run_dir=tmp_path, passes=4, lr=1.0,
+                      retention={"general": general_batches(tok)}, tolerance=0.02)  # fmt: skip
+    assert not res.accepted and res.entry is None and "general NLL" in res.reason
+    assert res.retention_after["general"] > 1.02 * res.retention_before["general"]
+    after = adapter_state(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not (tmp_path / "ledger.jsonl").exists()
+    assert store.get(items[0].id).consolidated_into is None
