@@ -97,3 +97,9 @@ def test_the_folders_the_architecture_page_names_exist():
     for folder in ("acquire/", "refine/", "memory/", "update/", "evaluate/", "run/", "parallel/",
                    "models/", "bench/", "infer/"):  # fmt: skip
         assert folder in doc, f"docs/architecture.md does not describe {folder}"
+
+
+def test_test_file_names_are_unique():
+    """tests/ has no __init__.py: two test files with one basename cannot both be collected."""
+    names = [p.name for p in (ROOT.parents[1] / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
