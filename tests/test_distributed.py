@@ -354,11 +354,11 @@ def test_deepspeed_zero1_with_si_and_a_nonfinite_gradient_matches_ddp(
 
 
 MISLAUNCH = """import sys
-import herllm.run.state
+import herllm.run.build
 from herllm.cli import main
-real = herllm.run.state.Accelerator
+real = herllm.run.build.Accelerator
 # The mis-launch: an Accelerator not told it runs on CPU gives each torchrun worker a world of 1.
-herllm.run.state.Accelerator = lambda **kw: real(**{**kw, "cpu": False})
+herllm.run.build.Accelerator = lambda **kw: real(**{**kw, "cpu": False})
 sys.exit(main(sys.argv[1:]))
 """
 
