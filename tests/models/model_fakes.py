@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from herllm.models import cache, registry
 from herllm.models.registry import ModelEntry
 
@@ -59,3 +61,16 @@ class FakePackage:
             if self.fail_after_files is not None and i == self.fail_after_files:
                 raise RuntimeError("simulated crash in the middle of writing")
             shutil.copy(f, out / f.name)
+
+
+def real_model_marks(name: str = "smollm2-135m") -> list:
+    """`pytestmark` of a test module on the real model: slow, and skipped with the install
+    command when its package is missing."""
+    entry = registry.get_model(name)
+    return [
+        pytest.mark.slow,
+        pytest.mark.skipif(
+            not registry.installed(entry),
+            reason=f"{name}'s package is not installed ({entry.install_command})",
+        ),
+    ]

