@@ -31,25 +31,22 @@ class Registry(Generic[T]):
         self.entries[name] = entry
         return entry
 
-    def _load(self) -> dict[str, T]:
-        return self.entries
-
     def names(self) -> tuple[str, ...]:
         """Registered names, in registration order."""
-        return tuple(self._load())
+        return tuple(self.entries)
 
     def get(self, name: str) -> T:
         """The entry registered as `name`; an unknown name is one line naming the choices."""
-        entries = self._load()
+        entries = self.entries
         if name not in entries:
             raise self._error(f"unknown {self.kind} {name!r}; choose one of {', '.join(entries)}")
         return entries[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._load()
+        return name in self.entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
-        return len(self._load())
+        return len(self.entries)

@@ -164,8 +164,9 @@ class AccelerateEngine(Engine):
         then prepares the new ones. DDP fixes the parameters it reduces when it wraps the
         model, so a change of what trains needs a new wrapper on every rank at the same step,
         and the old one must be gone: its hooks would still fire on a parameter that trains
-        again. The trainable parameters are broadcast from rank 0 first (a fresh adapter's
-        random initialisation draws from each rank's own RNG)."""
+        again. The new DDP wrapper broadcasts rank 0's parameters as it is built, so a fresh
+        adapter (whose random initialisation draws from each rank's own RNG) starts equal on
+        every rank."""
         stale = weakref.ref(self.train_model) if self.train_model is not self.model else None
         self.train_model = self.model
         self.optimizer = self.scheduler = None
@@ -176,8 +177,6 @@ class AccelerateEngine(Engine):
                 "the previous DDP wrapper is still referenced after an adapter change; this is a "
                 "bug in herllm, please report it"
             )
-        if self.ranks.world > 1:
-            self.ranks.broadcast_trainable(self.model)
         super().rebuild()
         self.prepare()
 

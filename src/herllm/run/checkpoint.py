@@ -8,7 +8,6 @@ rename, buffer commit): a crash at any point leaves a consistent checkpoint to r
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
@@ -75,11 +74,3 @@ def load_checkpoint(s: RunState) -> None:
     s.packer = Packer(s.tokenizer, s.cfg.stream.seq_len, position,
                       s.ranks.sharding.offsets(s.ranks.rank), s.cfg.stream.chat_template)  # fmt: skip
     s.last_checkpoint = s.step
-
-
-def checkpoint_dir(run_dir: Path, step: int | None = None) -> Path | None:
-    """The newest checkpoint of a run (or the one at `step`), None if it has none."""
-    ckpts = dict(atomic.list_checkpoints(Path(run_dir) / "checkpoints"))
-    if not ckpts:
-        return None
-    return ckpts.get(step) if step is not None else ckpts[max(ckpts)]
