@@ -110,7 +110,7 @@ def load_bench_data(bc, root: Path) -> BenchData:
     )  # fmt: skip
     if not domains:
         raise UserError(f"no domains found in {bc.stream_dir}; expected DIR/<domain>/train.txt")
-    _, tokenizer = load_base(ModelConfig(name_or_path=bc.model))
+    model, tokenizer = load_base(ModelConfig(name_or_path=bc.model))
     root.mkdir(parents=True, exist_ok=True)
     train_files, tokens, batches, probes = {}, {}, {}, {}
     for d in domains:
@@ -128,6 +128,13 @@ def load_bench_data(bc, root: Path) -> BenchData:
     general_docs = _read_docs(
         "general", "test", bc.stream_dir if general_dir and general_dir.is_dir() else ""
     )
+    instruct = []
+    if bc.instructions > 0:  # the base model's own answers: what it already knew how to do
+        from herllm.evaluate.instruct import INSTRUCTIONS, base_answer_batches
+
+        instruct = base_answer_batches(model, tokenizer, INSTRUCTIONS[: bc.instructions],
+                                       new_tokens=bc.instruct_tokens)  # fmt: skip
+    del model
     suite = EvalSuite(batches, pack_batches(general_docs, tokenizer, bc.seq_len, bc.eval_windows),
-                      {d: p for d, p in probes.items() if p})  # fmt: skip
+                      {d: p for d, p in probes.items() if p}, instruct)  # fmt: skip
     return BenchData(domains, train_files, tokens, suite, root)

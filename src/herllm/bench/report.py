@@ -36,7 +36,8 @@ MAIN_COLUMNS = [
     ("avg_final_loss", "avg final loss", ".3f"), ("avg_final_ppl", "avg final ppl", ".2f"),
     ("forgetting_loss", "forgetting (loss)", ".3f"), ("bwt_loss", "BWT", ".3f"),
     ("fwt_loss", "FWT", ".3f"), ("plasticity", "plasticity", ".3f"),
-    ("general_delta", "general Δ", ".3f"), ("stability_gap", "stability gap", ".3f"),
+    ("general_delta", "general Δ", ".3f"), ("instruct_delta", "instruction Δ", ".3f"),
+    ("stability_gap", "stability gap", ".3f"), ("tokens_trained", "tokens trained", ",.0f"),
     ("adapt_tokens_mean", "adapt tokens", ",.0f"), ("wall_seconds", "wall s", ".1f"),
     ("train_tokens_per_s", "train tok/s", ",.0f"), ("peak_rss_mb", "peak RSS MB", ",.0f"),
     ("trainable_params", "trainable params", ",.0f"), ("added_params", "added params", ",.0f"),
@@ -171,6 +172,8 @@ def run_figures(run: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
     out = {"avg_final_loss": s["avg_final_loss"], "avg_final_ppl": s["avg_perplexity"]}
     if run.get("general_loss") is not None:
         out["general_delta"] = M.general_ability_delta(run["general_loss"])
+    if run.get("instruct_loss") is not None:
+        out["instruct_delta"] = M.general_ability_delta(run["instruct_loss"])
     # Joint sees every domain at once and base never trains: neither has a stream to measure,
     # so forgetting, transfer, plasticity, stability gap and adaptation are left undefined.
     streamed = P.is_streamed(run) and run["strategy"] != "base"

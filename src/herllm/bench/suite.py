@@ -35,11 +35,17 @@ class EvalSuite:
     domain_batches: dict[str, list[dict]]
     general_batches: list[dict]
     probes: dict[str, list] = field(default_factory=dict)
+    instruct_batches: list[dict] = field(default_factory=list)
+    """The base model's answers to fixed instructions (`evaluate.instruct`); empty = not scored."""
 
     def losses(self, model, order: list[str]) -> tuple[list[float], float]:
         """Held-out NLL per domain (in `order`) and on the general set."""
         per_domain = [mean_nll(model, self.domain_batches[d])[0] for d in order]
         return per_domain, mean_nll(model, self.general_batches)[0]
+
+    def instruct_loss(self, model) -> float | None:
+        """Mean NLL of the base model's instruction answers under `model` (None when not scored)."""
+        return mean_nll(model, self.instruct_batches)[0] if self.instruct_batches else None
 
     def probe_accuracy(self, model, tokenizer, order: list[str]) -> list[float] | None:
         """Multiple-choice probe accuracy per domain (in `order`), or None without probes."""

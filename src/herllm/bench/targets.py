@@ -20,6 +20,7 @@ TARGETS = [
     ("forgetting below replay's", "forgetting_loss", "replay", "below", None),
     ("plasticity within 2% of naive", "plasticity", "naive", "rel", 0.02),
     ("general-ability delta at most 25% of naive's", "general_delta", "naive", "share", 0.25),
+    ("instruction-answer delta at most 25% of naive's", "instruct_delta", "naive", "share", 0.25),
     ("wall-clock at most 1.3x naive", "wall_seconds", "naive", "share", 1.3),
 ]
 

@@ -146,9 +146,9 @@ class ProtectConfig:
 class ShiftConfig:
     detect: bool = False
     """Detect shifts in the stream (no labels): close the knowledge unit and consolidate."""
-    warmup: Annotated[int, Range(ge=2)] = 100
+    warmup: Annotated[int, Range(ge=2)] = 64
     """Samples that set a new unit's score scale before detection starts."""
-    cooldown: Annotated[int, Range(ge=0)] = 300
+    cooldown: Annotated[int, Range(ge=0)] = 120
     """Samples after a shift during which no new one is raised."""
     rep_z_threshold: Annotated[float, Range(ge=0)] = 4.0
     """Confirmation level: how far (in standard errors) recent representations must move."""

@@ -105,8 +105,8 @@ class ShiftDetector:
     def __init__(
         self,
         channels: Sequence[str] = ("nll",),
-        warmup: int = 100,
-        cooldown: int = 300,
+        warmup: int = 64,
+        cooldown: int = 120,
         ph_delta: float = 0.25,
         ph_threshold: float = 25.0,
         adwin_delta: float = 0.002,
