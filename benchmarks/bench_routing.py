@@ -8,7 +8,7 @@ reservoir holds), then route `--test-windows` held-out windows of every domain a
   isolates the router from the learner; the benchmark's routing figures cover the whole loop);
 - the reuse decision at a shift: the median distance ratio of 16 held-out windows to their own
   domain's key, and (leave-one-out) to the nearest other key, against `expand.reuse_radius`;
-- how much general text falls back to the base model at `expand.fallback_radius`.
+- how much general text lies beyond `expand.fallback_radius` (routed with `expand.fallback=base`).
 
     python benchmarks/bench_routing.py --out results/bench_routing.json
 """
@@ -59,7 +59,9 @@ def main() -> None:
     seconds = time.perf_counter() - t0
 
     ex = ExpandConfig()
-    bank = AdapterBank(DOMAINS[0], reuse_radius=ex.reuse_radius, fallback_radius=ex.fallback_radius)
+    # `base`: what lies beyond the radius is counted (the default `nearest` would route it anyway)
+    bank = AdapterBank(DOMAINS[0], reuse_radius=ex.reuse_radius, fallback_radius=ex.fallback_radius,
+                       fallback="base")  # fmt: skip
     for d in DOMAINS:
         bank.register(d)
         bank.add_key(keys[d])

@@ -116,21 +116,62 @@ def clusters(seed: int, centre: float, n: int = 40, dim: int = 16) -> np.ndarray
     return c + rng.normal(0, 1.0, (n, dim))
 
 
-def bank_with(keys: dict[str, np.ndarray]) -> ad.AdapterBank:
-    bank = ad.AdapterBank(next(iter(keys)))
+def bank_with(keys: dict[str, np.ndarray], **kw) -> ad.AdapterBank:
+    bank = ad.AdapterBank(next(iter(keys)), **kw)
     for name, reps in keys.items():
         bank.register(name)
-        bank.add_key(ad.RoutingKey.fit(f"unit-{name}", name, reps))
+        bank.add_key(ad.RoutingKey.fit(f"unit-{name}", name, reps, tokens=128))
     return bank
 
 
-def test_routing_picks_the_right_adapter_and_falls_back_to_base_far_away():
+def test_routing_picks_the_right_adapter_and_far_inputs_use_the_fallback():
     a, b = clusters(0, 12.0), clusters(1, 12.0)
     bank = bank_with({"default": a, "a001": b})
     assert bank.route(clusters(0, 12.0, n=20) + 0) == ["default"] * 20
     assert bank.route(clusters(1, 12.0, n=20)) == ["a001"] * 20
-    far = clusters(5, 60.0, n=10)
-    assert bank.route(far) == [ad.BASE] * 10
+    far = clusters(1, 60.0, n=10)  # far beyond a001's region, on its side
+    assert (bank.keys["unit-a001"].ratio(far) > 10).all()
+    assert bank.route(far) == ["a001"] * 10  # nearest: the most likely unit all the same
+    recent = bank_with({"default": a, "a001": b}, fallback="recent")
+    assert recent.current == "default" and recent.route(far) == ["default"] * 10  # trained last
+    assert bank_with({"default": a, "a001": b}, fallback="base").route(far) == [ad.BASE] * 10
+    near = clusters(1, 12.0, n=10)
+    for fallback in ad.FALLBACKS:  # inputs inside the radius never see the fallback
+        assert bank_with({"default": a, "a001": b}, fallback=fallback).route(near) == ["a001"] * 10
+
+
+def test_the_radius_widens_for_inputs_shorter_than_the_key_windows():
+    bank = bank_with({"default": clusters(0, 12.0), "a001": clusters(1, 12.0)}, fallback="base")
+    key = bank.keys["unit-a001"]
+    x = key.center + 4.0 * key.median * key.scale  # 4 median distances: beyond 2.5
+    assert key.ratio(x[None])[0] == pytest.approx(4.0)
+    assert bank.route(x[None]) == [ad.BASE]  # no lengths given: the radius as configured
+    assert bank.route(x[None], tokens=[128]) == [ad.BASE]  # as long as the key's windows
+    assert bank.route(x[None], tokens=[16]) == ["a001"]  # radius 2.5 * sqrt(128 / 16) = 7.1
+    assert ad.widening(np.array([128.0, 128.0, 0.0]), [16, 512, 16]).tolist() == pytest.approx(
+        [8**0.5, 1.0, 1.0]  # longer inputs keep the radius; keys of unknown length too
+    )
+
+
+def test_a_bank_without_keys_routes_to_the_adapter_in_training_unless_base():
+    x = clusters(0, 12.0, n=3)
+    assert ad.AdapterBank("a002").route(x) == ["a002"] * 3
+    assert ad.AdapterBank("a002", fallback="recent").route(x) == ["a002"] * 3
+    assert ad.AdapterBank("a002", fallback="base").route(x) == [ad.BASE] * 3
+    with pytest.raises(ValueError, match="fallback='nearby'; choose one of nearest, recent, base"):
+        ad.AdapterBank("a002", fallback="nearby")
+
+
+def test_bank_state_saved_before_fallback_existed_loads_and_routes_nearest():
+    bank = bank_with({"default": clusters(0, 12.0), "a001": clusters(1, 12.0)}, fallback="base")
+    old = bank.state_dict()
+    del old["fallback"]
+    for key in old["keys"].values():
+        del key["tokens"]
+    again = ad.AdapterBank.from_state(old)
+    assert again.fallback == "nearest" and {k.tokens for k in again.keys.values()} == {0.0}
+    far = clusters(1, 60.0, n=4)
+    assert again.route(far, tokens=[8] * 4) == ["a001"] * 4
 
 
 def test_decide_reuses_a_recurring_region_and_grows_for_a_new_one():
@@ -151,9 +192,11 @@ def test_key_fit_ignores_a_minority_from_the_previous_region():
 def test_bank_state_round_trips():
     bank = bank_with({"default": clusters(0, 12.0), "a001": clusters(1, 12.0)})
     bank.grown = 1
+    bank.fallback = "recent"
     again = ad.AdapterBank.from_state(bank.state_dict())
     x = clusters(3, 5.0, n=8)
     assert again.route(x) == bank.route(x) and again.adapters == bank.adapters
+    assert again.fallback == "recent" and again.keys["unit-a001"].tokens == 128
 
 
 def test_merge_is_exactly_the_sum_of_both_adapters():

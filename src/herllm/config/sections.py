@@ -169,8 +169,8 @@ class ExpandConfig:
     """Grow a new LoRA adapter when a detected shift leads far from every knowledge unit
     (needs shift.detect); a shift back near a unit trains that unit's adapter again."""
     compose: Literal["route", "sum"] = "route"
-    """`route`: each input uses its nearest unit's adapter (base when far from all); `sum`: all
-    adapters add up (O-LoRA)."""
+    """`route`: each input uses its nearest unit's adapter (see `fallback` for inputs far from
+    every unit); `sum`: all adapters add up (O-LoRA)."""
     init: Literal["zero", "current"] = "zero"
     """A grown adapter starts at `zero` (no change, as O-LoRA) or as a copy of the `current`
     one, so learning goes on from where the stream was while the old adapter stays frozen."""
@@ -182,7 +182,15 @@ class ExpandConfig:
     """A new region whose samples lie within this many median unit-distances of a unit reuses
     its adapter (measured on herllm-tiny: same domain 1.03-1.18, other domains 1.43-2.09)."""
     fallback_radius: Annotated[float, Range(gt=0)] = 2.5
-    """Inputs farther than this (same unit) from their most likely unit use the base model."""
+    """Inputs farther than this (same unit) from their most likely unit use `fallback`; the
+    radius widens by sqrt(key tokens / n) for an input of n tokens, shorter than the key's
+    windows (a mean over few tokens is noisier)."""
+    fallback: Literal["nearest", "recent", "base"] = "nearest"
+    """What an input beyond `fallback_radius` uses: its most likely unit's adapter all the same
+    (`nearest`), the adapter trained last (`recent`), or the base model (`base`, nothing learned).
+    Measured on herllm-tiny (docs/benchmarks.md, short prompts): 50-character prompts routed
+    right 0.96 / 0.62 (kjv -> pycode / austen -> shakespeare), against 0.48 / 0.08 with `base`
+    and a fixed radius (as before this option)."""
     key_windows: Annotated[int, Range(ge=8)] = 64
     """Windows kept per unit (uniform reservoir) to fit its routing key."""
 

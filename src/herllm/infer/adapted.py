@@ -143,8 +143,8 @@ class AdaptedModel:
         }
 
     def routes(self, texts: list[str], chat: bool = False) -> list[str]:
-        """The adapter each text would use (`base` when it is far from every unit); `chat`:
-        each text as a user message, routed as `chat` routes it."""
+        """The adapter each text would use (`base` only for a text far from every unit under
+        `expand.fallback=base`); `chat`: each text as a user message, routed as `chat` routes it."""
         if self.bank is None:
             return [ADAPTER_NAME] * len(texts)
         if chat:

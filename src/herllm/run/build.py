@@ -93,7 +93,8 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
                                  cfg.replay.general_windows, cfg.train.seed)  # fmt: skip
     bank = orth = None
     if ex.grow:
-        bank = ad.AdapterBank(ADAPTER_NAME, ex.compose, ex.reuse_radius, ex.fallback_radius, ex.max_adapters)  # fmt: skip
+        bank = ad.AdapterBank(ADAPTER_NAME, ex.compose, ex.reuse_radius, ex.fallback_radius, ex.max_adapters,
+                              ex.fallback)  # fmt: skip
         orth = DynamicStrength(target_ratio=ex.orth_ratio) if ex.orth_ratio > 0 else None
     reservoir = max(32, ex.key_windows) if ex.grow else 32
     stats = SourceStats()

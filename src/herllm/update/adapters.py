@@ -13,9 +13,17 @@ diagonal scale; an input's distance to a unit is measured in units of that unit'
 distance (`RoutingKey.ratio`), so keys of tight and diffuse regions compare fairly.
 
 Two ways to compose adapters at inference (`expand.compose`):
-- `route`: each input uses its nearest unit's adapter, or the base model when it is far from
-  every unit (PEFT mixed-adapter batches, so a batch may mix adapters);
+- `route`: each input uses its most likely unit's adapter (PEFT mixed-adapter batches, so a
+  batch may mix adapters); an input farther than `expand.fallback_radius` from that unit uses
+  what `expand.fallback` says: that adapter still (`nearest`), the adapter trained last
+  (`recent`) or the base model (`base`);
 - `sum`: every adapter is active and their deltas add up, as O-LoRA does (no routing).
+
+Short inputs lie farther from every key than the windows the keys were fit on (a mean over few
+tokens is noisier; on herllm-tiny a 50-character prompt sits at 2.5-2.8 median distances from
+its own unit's key, a 128-token window at about 1.1), so the radius widens for an input of n
+tokens by sqrt(key tokens / n), the factor by which the spread of a mean over n tokens exceeds
+that over the key's windows.
 
 Growth is bounded: past `expand.max_adapters` the two adapters with the closest keys are merged
 with PEFT's `add_weighted_adapter(combination_type="cat")`, which stacks their ranks, so the
@@ -35,6 +43,9 @@ from herllm.refine.scoring import base_pooled_states
 
 BASE = "__base__"
 """PEFT's name for "no adapter" in a mixed-adapter batch."""
+
+FALLBACKS = ("nearest", "recent", "base")
+"""What an input beyond the fallback radius uses (`expand.fallback`)."""
 
 
 # -- representations --------------------------------------------------------------------------
@@ -64,12 +75,16 @@ class RoutingKey:
     scale: np.ndarray  # (H,) per-dimension spread, floored
     median: float  # median scaled distance of the unit's own samples
     n: int
+    tokens: float = 0.0  # mean tokens per sample it was fit on (0: unknown, as in old runs)
 
     @classmethod
-    def fit(cls, unit: str, adapter: str, reps: np.ndarray, trim: float = 0.25) -> RoutingKey:
+    def fit(
+        cls, unit: str, adapter: str, reps: np.ndarray, trim: float = 0.25, tokens: float = 0.0
+    ) -> RoutingKey:
         """Robust fit: start at the coordinate-wise median, keep the (1 - trim) closest samples
         (a unit's first samples can belong to the region before it, up to the detection delay),
-        then take their mean and spread."""
+        then take their mean and spread. `tokens`: mean tokens per sample (widens the fallback
+        radius for shorter inputs)."""
         reps = np.asarray(reps, dtype=np.float64)
         if len(reps) < 2:
             raise ValueError(f"a routing key needs at least 2 samples, got {len(reps)}")
@@ -80,7 +95,8 @@ class RoutingKey:
         spread = keep.std(0)
         scale = spread + 0.1 * float(np.mean(spread)) + 1e-6  # floor: few samples, many dims
         own = np.sqrt((((keep - center) / scale) ** 2).mean(1))
-        return cls(unit, adapter, center, scale, float(np.median(own)) + 1e-9, len(reps))
+        median = float(np.median(own)) + 1e-9
+        return cls(unit, adapter, center, scale, median, len(reps), float(tokens))
 
     def ratio(self, reps: np.ndarray) -> np.ndarray:
         """(N,) distance of each sample in units of this key's median own-sample distance."""
@@ -98,6 +114,15 @@ class RoutingKey:
         return asdict(self)
 
 
+def widening(own: np.ndarray, tokens) -> np.ndarray:
+    """(N,) factor on the fallback radius for inputs of `tokens` (N,) tokens routed to keys fit
+    on samples of `own` (N,) tokens: sqrt(own / n) for shorter inputs, else 1 (and 1 where `own`
+    is 0, unknown: keys saved before it was recorded)."""
+    n = np.maximum(np.asarray(tokens, dtype=np.float64), 1.0)
+    own = np.asarray(own, dtype=np.float64)
+    return np.where(own > 0, np.sqrt(np.maximum(own / n, 1.0)), 1.0)
+
+
 # -- the bank ---------------------------------------------------------------------------------
 
 
@@ -110,6 +135,7 @@ class AdapterBank:
     reuse_radius: float = 1.3
     fallback_radius: float = 2.5
     max_adapters: int = 8
+    fallback: str = "nearest"  # one of FALLBACKS; runs saved before it existed get `nearest`
     # adapter name -> {"units": [unit ids], "created_step": int}
     adapters: dict[str, dict] = field(default_factory=dict)
     keys: dict[str, RoutingKey] = field(default_factory=dict)  # unit id -> key
@@ -117,6 +143,8 @@ class AdapterBank:
     merged: int = 0
 
     def __post_init__(self) -> None:
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback={self.fallback!r}; choose one of {', '.join(FALLBACKS)}")
         self.register(self.current)
 
     # -- routing -------------------------------------------------------------------------------
@@ -132,12 +160,19 @@ class AdapterBank:
         ratios = np.stack([k.ratio(reps) for k in keys], 1)  # (N, K)
         return keys, best, ratios[np.arange(len(reps)), best]
 
-    def route(self, reps, extra: list[RoutingKey] = ()) -> list[str]:
-        """Adapter name per input (most likely unit), or BASE when far from every unit."""
+    def route(self, reps, extra: list[RoutingKey] = (), tokens=None) -> list[str]:
+        """Adapter name per input: its most likely unit's, or `fallback`'s choice for an input
+        beyond `fallback_radius` of that unit (widened for inputs of few `tokens` (N,))."""
         keys, best, ratio = self.nearest(reps, [*self.keys.values(), *extra])
+        instead = {"recent": self.current, "base": BASE}.get(self.fallback)
+        if not keys:  # nothing to compare with yet: only the adapter in training has learned
+            return [instead or self.current] * len(best)
+        radius = np.full(len(best), self.fallback_radius)
+        if tokens is not None:
+            radius *= widening(np.array([keys[j].tokens for j in best]), tokens)
         return [
-            keys[j].adapter if r <= self.fallback_radius else BASE
-            for j, r in zip(best, ratio, strict=True)
+            keys[j].adapter if r <= limit or instead is None else instead
+            for j, r, limit in zip(best, ratio, radius, strict=True)
         ]
 
     def decide(self, reps) -> tuple[str | None, float]:
@@ -193,6 +228,7 @@ class AdapterBank:
             "reuse_radius": self.reuse_radius,
             "fallback_radius": self.fallback_radius,
             "max_adapters": self.max_adapters,
+            "fallback": self.fallback,
             "adapters": {k: dict(v, units=list(v["units"])) for k, v in self.adapters.items()},
             "keys": {u: k.state() for u, k in self.keys.items()},
             "grown": self.grown,
@@ -320,7 +356,8 @@ class RoutedModel:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         reps = base_reps(self._model, [{"input_ids": input_ids, "attention_mask": attention_mask}])
-        return self._bank.route(reps.numpy(), self._extra)
+        tokens = attention_mask.sum(1).cpu().numpy()  # (B,) real tokens (padding left out)
+        return self._bank.route(reps.numpy(), self._extra, tokens)
 
     def _names(self, input_ids, attention_mask) -> list[str] | None:
         if self._bank.compose == "sum" and self._force is None:
@@ -354,4 +391,5 @@ def fit_unit_key(
     if len(reservoir) < 8:
         return None
     batches = window_batches(reservoir, seq_len, pad_id, device)
-    return RoutingKey.fit(unit, adapter, base_reps(model, batches).numpy())
+    tokens = float(np.mean([len(ids) for ids, _ in reservoir]))
+    return RoutingKey.fit(unit, adapter, base_reps(model, batches).numpy(), tokens=tokens)
