@@ -28,8 +28,9 @@ class Strategy:
 REGISTRY: Registry[Strategy] = Registry("strategy", error=UserError)
 STRATEGIES: dict[str, Strategy] = REGISTRY.entries
 """Every registered strategy by name, in registration order (the benchmark's row order)."""
-REFERENCE = ("base", "joint")
-"""The benchmark's reference rows (the frozen base model, joint training): not strategies."""
+REFERENCE = ("base", "joint", "hf-peft")
+"""The benchmark's reference rows (the frozen base model, joint training, a plain transformers
+Trainer + PEFT script trained sequentially with re-warming and replay): not strategies."""
 
 
 def register_strategy(

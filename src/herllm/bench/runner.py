@@ -4,7 +4,8 @@ The learner sees one unlabeled stream: the domains' training text back to back (
 same token budget). Only the evaluator knows where a domain ends: it pauses the learner at
 several points inside every domain (`Learner.run(until_tokens=...)`) and measures held-out loss
 on every domain and on general text, probe accuracy at domain ends, and the cost of the run.
-Reference rows: `base` (no training) and `joint` (all domains shuffled together, same budget).
+Reference rows: `base` (no training), `joint` (all domains shuffled together, same budget) and
+`hf-peft` (a plain transformers Trainer + PEFT script over the same stream, `hf_reference`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ import torch
 
 from herllm import __version__
 from herllm.bench.data import BenchData, load_bench_data
-from herllm.bench.suite import finite_or_none, intrinsic_signals
+from herllm.bench.suite import intrinsic_signals, run_metrics, switch_indices
 from herllm.config import build_config
 from herllm.errors import UserError
-from herllm.evaluate import metrics as M
 from herllm.evaluate.cost import Meter, measure_matmul_peak, peak_rss_mb, train_flops_per_token
 from herllm.evaluate.routing import routing_figures
 from herllm.strategies import REFERENCE, STRATEGIES, strategy_overrides
@@ -39,7 +39,7 @@ class BenchConfig:
     stream_dir: str = ""
     """A folder laid out as DIR/<domain>/{train,test}.txt (optional probes.jsonl); empty = bundled corpus."""
     strategies: list[str] = field(default_factory=lambda: [*REFERENCE, *STRATEGIES])
-    """Strategies to run; `base` and `joint` are the reference rows."""
+    """Strategies to run; `base`, `joint` and `hf-peft` are the reference rows."""
     orders: int = 3
     """Domain orders (order 0 as given, the others seeded permutations); each is one run per strategy."""
     tokens_per_domain: int = 48_000
@@ -137,6 +137,10 @@ def run_one(
     if strategy in STRATEGIES and STRATEGIES[strategy].missing:
         return record | {"status": "not_implemented", "reason": STRATEGIES[strategy].missing}
     try:
+        if strategy == "hf-peft":  # a plain Trainer + PEFT script, not the herllm loop
+            from herllm.bench.hf_reference import run_hf_reference
+
+            return record | run_hf_reference(bc, data, order, k, peak)
         return record | Sequence(bc, data, strategy, order, k, peak).run()
     except UserError:
         raise
@@ -279,41 +283,10 @@ class Sequence:
         return result
 
     def switch_indices(self, trace: list[dict]) -> list[int]:
-        """Trace index of the evaluation at the start of each domain (the first is 0)."""
-        if self.strategy in REFERENCE:
-            return [0]
-        starts, prev = [0], 0
-        for idx, r in enumerate(trace):
-            if r["segment"] != prev:
-                starts.append(idx - 1)
-                prev = r["segment"]
-        return starts
+        return switch_indices(trace, streamed=self.strategy not in REFERENCE)
 
     def metrics(self, L, P, general, trace) -> dict:
-        out = {"avg_final_loss": M.average_final_loss(L), "avg_final_ppl": M.average_perplexity(L),
-               "general_delta": M.general_ability_delta(general)}  # fmt: skip
-        if self.instruct[0] is not None:
-            out["instruct_delta"] = M.general_ability_delta(self.instruct)
-        if P is not None:
-            out["avg_final_acc"] = finite_or_none(M.average_accuracy(P))
-        if self.strategy in REFERENCE or len(self.order) < 2:
-            return out
-        steps = np.arange(len(trace))
-        losses = np.array([r["losses"] for r in trace])
-        switch = self.switch_indices(trace)[1:]
-        speed = M.adaptation_speed(
-            steps, losses, switch, [r["tokens"] for r in trace], [r["seconds"] for r in trace]
-        )
-        out |= {
-            "bwt_loss": M.backward_transfer(-L), "forgetting_loss": M.forgetting_loss(L),
-            "fwt_loss": M.forward_transfer(-L), "plasticity": M.plasticity(L),
-            "stability_gap": M.stability_gap(steps, losses, switch).mean,
-            "adapt_tokens_mean": float(np.nanmean(speed.tokens)), "adapt_seconds_mean": float(np.nanmean(speed.seconds)),
-        }  # fmt: skip
-        if P is not None:
-            out["forgetting_acc"] = finite_or_none(M.forgetting(P))
-            out["bwt_acc"] = finite_or_none(M.backward_transfer(P))
-        return {k: finite_or_none(v) for k, v in out.items()}
+        return run_metrics(L, P, general, trace, self.strategy not in REFERENCE, self.instruct)
 
 
 def summarize(runs: list[dict]) -> dict:

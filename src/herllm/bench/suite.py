@@ -1,4 +1,5 @@
-"""The benchmark's evaluator: held-out loss per domain and general, probes, intrinsic signals.
+"""The benchmark's evaluator: held-out loss per domain and general, probes, intrinsic signals,
+and the quality figures of a run (`run_metrics`).
 
 Only the evaluator knows domain labels; the learner never sees them.
 """
@@ -12,6 +13,7 @@ import torch
 
 from herllm.acquire.chunks import Packer, to_batch
 from herllm.acquire.sources import Document
+from herllm.evaluate import metrics as M
 from herllm.refine.scoring import mean_nll
 
 
@@ -114,3 +116,46 @@ def intrinsic_signals(
 
 def finite_or_none(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
+
+
+def switch_indices(trace: list[dict], streamed: bool = True) -> list[int]:
+    """Trace index of the evaluation at the start of each domain (the first is 0); a run
+    without a domain stream (`base`, `joint`) has only the first."""
+    if not streamed:
+        return [0]
+    starts, prev = [0], 0
+    for idx, r in enumerate(trace):
+        if r["segment"] != prev:
+            starts.append(idx - 1)
+            prev = r["segment"]
+    return starts
+
+
+def run_metrics(L, P, general, trace: list[dict], streamed: bool = True, instruct=None) -> dict:
+    """A run's quality figures; forgetting, transfer, plasticity and adaptation only for a run
+    that streamed two or more domains one after another. `instruct`: the base model's
+    instruction answers' NLL after each domain (None when not scored)."""
+    out = {"avg_final_loss": M.average_final_loss(L), "avg_final_ppl": M.average_perplexity(L),
+           "general_delta": M.general_ability_delta(general)}  # fmt: skip
+    if instruct is not None and instruct[0] is not None:
+        out["instruct_delta"] = finite_or_none(M.general_ability_delta(instruct))
+    if P is not None:
+        out["avg_final_acc"] = finite_or_none(M.average_accuracy(P))
+    if not streamed or L.shape[1] < 2:
+        return out
+    steps = np.arange(len(trace))
+    losses = np.array([r["losses"] for r in trace])
+    switch = switch_indices(trace)[1:]
+    speed = M.adaptation_speed(
+        steps, losses, switch, [r["tokens"] for r in trace], [r["seconds"] for r in trace]
+    )
+    out |= {
+        "bwt_loss": M.backward_transfer(-L), "forgetting_loss": M.forgetting_loss(L),
+        "fwt_loss": M.forward_transfer(-L), "plasticity": M.plasticity(L),
+        "stability_gap": M.stability_gap(steps, losses, switch).mean,
+        "adapt_tokens_mean": float(np.nanmean(speed.tokens)), "adapt_seconds_mean": float(np.nanmean(speed.seconds)),
+    }  # fmt: skip
+    if P is not None:
+        out["forgetting_acc"] = finite_or_none(M.forgetting(P))
+        out["bwt_acc"] = finite_or_none(M.backward_transfer(P))
+    return {k: finite_or_none(v) for k, v in out.items()}
