@@ -149,9 +149,11 @@ def mean_nll(model, batches) -> tuple[float, int]:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device  # the evaluation sets live on the CPU
     for batch in batches:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        nll, _, n = token_stats(out.logits, batch["labels"])
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        out = model(input_ids=ids, attention_mask=mask)
+        nll, _, n = token_stats(out.logits, batch["labels"].to(device))
         total += float((nll * n).sum())
         count += int(n.sum())
     if was_training:
