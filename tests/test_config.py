@@ -75,7 +75,7 @@ BAD_VALUES = [
     ("protect.regularizers=[ewc,l2]",
      "protect.regularizers='l2' is not allowed; choose one of ewc, mas, si, kl"),
     ("protect.kl_reference=first", "protect.kl_reference='first' is not allowed; choose one of last, base"),
-    ("protect.strength=0.001", "protect.strength=0.001 must be >= 0.01"),
+    ("protect.strength=0", "protect.strength=0.0 must be > 0"),
     ("protect.observe_every=0", "protect.observe_every=0 must be >= 1"),
     ("protect.reptile_every=-1", "protect.reptile_every=-1 must be >= 0"),
     ("protect.reptile_epsilon=1.5", "protect.reptile_epsilon=1.5 must be in (0, 1]"),

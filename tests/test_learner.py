@@ -119,3 +119,25 @@ def test_nonfinite_loss_is_skipped_then_stops(tmp_path, tiny_model_dir, monkeypa
     assert learner.s.counters["nonfinite_skipped"] == 4  # one isolated, then three in a row
     assert all(torch.isfinite(p).all() for p in learner.s.trainable)
     assert not math.isnan(learner.s.eval_first[next(iter(learner.s.eval_first))])
+
+
+def test_replay_replace_mode_trains_as_many_tokens_as_plain_fine_tuning(tmp_path, tiny_model_dir):
+    runs = {}
+    for name, extra in {
+        "naive": ("replay.ratio=0",),
+        "add": ("replay.ratio=0.5",),
+        "replace": ("replay.ratio=0.5", "replay.mode=replace"),
+    }.items():
+        (tmp_path / name).mkdir()
+        cfg = make_cfg(tmp_path / name, tiny_model_dir, "eval.files=[]", *extra)
+        runs[name] = Learner(cfg, show_progress=False).run()
+    naive, add, replace = runs["naive"], runs["add"], runs["replace"]
+    assert add.windows_read == replace.windows_read == naive.windows_read  # all read
+    # add: half of each batch is replay, so twice the steps and about twice the tokens
+    assert add.tokens_trained > 1.7 * naive.tokens_trained and add.replaced_by_replay == 0
+    # replace: as many steps as naive, replay in place of new windows (counted, not lost)
+    assert replace.steps == naive.steps and replace.replayed > 0
+    assert abs(replace.tokens_trained - naive.tokens_trained) <= 32 * 2  # two windows at most
+    # each replayed row replaced a new window, but in the last, short batch
+    assert replace.replayed - 2 <= replace.replaced_by_replay <= replace.replayed
+    assert replace.buffer_rows == replace.windows_read  # replaced windows stay in the buffer

@@ -103,6 +103,19 @@ def get_strategy(name: str) -> Strategy:
     return REGISTRY.get(name)
 
 
+def split_spec(spec: str) -> tuple[str, list[str]]:
+    """A benchmark row's spec, `NAME` or `NAME:section.key=value[:...]` (a strategy at a setting
+    other than its own), as the strategy's name and the extra overrides."""
+    name, *extra = spec.split(":")
+    bad = [e for e in extra if "=" not in e or e.startswith("=")]
+    if bad:
+        raise UserError(
+            f"strategy {spec!r}: {bad[0]!r} is not section.key=value; write NAME or "
+            "NAME:section.key=value (for example ewc:protect.strength=0.01)"
+        )
+    return name, extra
+
+
 def strategy_overrides(name: str) -> list[str]:
     """Config overrides for `name`; a strategy that cannot run yet is a clear error."""
     strategy = get_strategy(name)

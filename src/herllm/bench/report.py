@@ -243,8 +243,9 @@ def aggregate(per_run: dict[str, list[dict[str, float]]]) -> dict[str, dict[str,
 
 
 def _order(strategies: Any) -> list[str]:
-    known = [s for s in strategy_order() if s in strategies]  # registration order
-    return known + sorted(set(strategies) - set(known))
+    """Registration order; a row at another setting (`NAME:key=value`) right after NAME's."""
+    rank = {s: i for i, s in enumerate(strategy_order())}
+    return sorted(strategies, key=lambda s: (rank.get(s.split(":")[0], len(rank)), s))
 
 
 def _label(run: dict[str, Any]) -> str:
@@ -382,6 +383,17 @@ def _body(data: dict[str, Any], results_dir: Path) -> list[Block]:
         blocks += _section(
             "her against its targets", ("table", ["target", "measured", "verdict"], rows)
         )
+    sweep = data.get("sweep")
+    if sweep:
+        from herllm.bench.sweep import CRITERION, sweep_table
+
+        tuned = next(iter(sweep.values()))
+        blocks += [("h", 2, "Settings chosen on the tuning domains"), ("p", (
+            f"Each swept strategy ran every setting below on the tuning domains "
+            f"({', '.join(tuned['domains'])}; {tuned['orders']} order(s)), never on the domains "
+            f"reported above; the setting with the lowest {CRITERION.replace('_', ' ')} is the "
+            "one its row uses. Strategies not listed run at their registered settings."
+        )), sweep_table(sweep)]  # fmt: skip
     domains = list(data.get("domains") or [])
     blocks += P.figure_blocks(first, stats, per_run, domains, results_dir / "plots")
     blocks += _section("Cost", P.stat_table(stats, n_ok, COST_COLUMNS))

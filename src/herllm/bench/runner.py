@@ -16,7 +16,7 @@ import math
 import platform
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from herllm.config import build_config
 from herllm.errors import UserError
 from herllm.evaluate.cost import Meter, measure_matmul_peak, peak_rss_mb, train_flops_per_token
 from herllm.evaluate.routing import routing_figures
-from herllm.strategies import REFERENCE, STRATEGIES, strategy_overrides
+from herllm.strategies import REFERENCE, STRATEGIES, split_spec, strategy_overrides
 
 
 @dataclass
@@ -68,6 +68,12 @@ class BenchConfig:
     """LoRA rank of every strategy."""
     seed: int = 0
     """Base seed: order k uses seed + k."""
+    tune_domains: list[str] = field(default_factory=list)
+    """Tuning domains: each swept strategy's setting (bench/sweep.py) is chosen on these alone,
+    then every row is reported on `domains`, which must not share any (empty = no sweep; with
+    `domains` empty the test domains are all the others)."""
+    tune_orders: int = 1
+    """Domain orders of each sweep point on the tuning domains."""
     overrides: list[str] = field(default_factory=list)
     """Config overrides (`section.key=value`) for every learner, after the strategy's own (none by
     default: the benchmark measures what `herllm adapt` does)."""
@@ -94,21 +100,34 @@ def domain_orders(domains: list[str], n: int, seed: int) -> list[list[str]]:
 def run_bench(bc: BenchConfig, progress=print, command: str | None = None) -> dict:
     """Run every (strategy, order), write results.json and the report; return the results.
     `command` (the command line that started it) is recorded for the report."""
-    unknown = [s for s in bc.strategies if s not in STRATEGIES and s not in REFERENCE]
+    unknown = [s for s in bc.strategies if split_spec(s)[0] not in [*STRATEGIES, *REFERENCE]]
     if unknown:
         raise UserError(
             f"unknown strategies {unknown}; choose from {', '.join([*REFERENCE, *STRATEGIES])}"
         )
     out = Path(bc.out)
     out.mkdir(parents=True, exist_ok=True)
+    specs = {s: s for s in bc.strategies}  # row label -> what runs (a swept setting, once tuned)
+    sweep = None
+    if bc.tune_domains:
+        from herllm.bench.sweep import test_domains, tune
+
+        bc = replace(bc, domains=test_domains(bc))
+        sweep = tune(bc, progress)
+        for label in specs:  # a swept strategy's rows (variants too) use its chosen setting
+            name, extra = split_spec(label)
+            if name in sweep:
+                specs[label] = ":".join([sweep[name]["spec"], *extra])
     data = load_bench_data(bc, out / "data")
     peak = measure_matmul_peak()
     results = {"herllm_version": __version__, "date": time.strftime("%Y-%m-%d"), "config": asdict(bc), "command": command,
                "machine": machine_info(peak), "domains": data.domains, "runs": []}  # fmt: skip
+    if sweep is not None:
+        results["sweep"] = sweep
     for k, order in enumerate(domain_orders(data.domains, bc.orders, bc.seed)):
-        for strategy in bc.strategies:
-            progress(f"[bench] order {k} ({', '.join(order)}): {strategy}")
-            results["runs"].append(run_one(bc, data, strategy, order, k, peak))
+        for label, spec in specs.items():
+            progress(f"[bench] order {k} ({', '.join(order)}): {spec}")
+            results["runs"].append(run_one(bc, data, spec, order, k, peak, label))
             gc.collect()
             (out / "results.json").write_text(json.dumps(results, indent=1))
     results["summary"] = summarize(results["runs"])
@@ -125,23 +144,35 @@ def machine_info(peak: float) -> dict:
 
 
 def run_one(
-    bc: BenchConfig, data: BenchData, strategy: str, order: list[str], k: int, peak: float
+    bc: BenchConfig,
+    data: BenchData,
+    spec: str,
+    order: list[str],
+    k: int,
+    peak: float,
+    label: str | None = None,
 ) -> dict:
+    """One row's run over one order. `spec` is `NAME` or `NAME:key=value...`; `label` is the
+    row it is reported as (default: the spec itself)."""
+    name, extra = split_spec(spec)
     record = {
-        "strategy": strategy,
+        "strategy": label or spec,
+        "setting": extra,
         "seed": bc.seed + k,
         "order": order,
         "status": "ok",
         "reason": None,
     }
-    if strategy in STRATEGIES and STRATEGIES[strategy].missing:
-        return record | {"status": "not_implemented", "reason": STRATEGIES[strategy].missing}
+    if name in STRATEGIES and STRATEGIES[name].missing:
+        return record | {"status": "not_implemented", "reason": STRATEGIES[name].missing}
     try:
-        if strategy == "hf-peft":  # a plain Trainer + PEFT script, not the herllm loop
+        if name == "hf-peft":  # a plain Trainer + PEFT script, not the herllm loop
             from herllm.bench.hf_reference import run_hf_reference
 
-            return record | run_hf_reference(bc, data, order, k, peak)
-        return record | Sequence(bc, data, strategy, order, k, peak).run()
+            return record | run_hf_reference(
+                replace(bc, overrides=[*extra, *bc.overrides]), data, order, k, peak
+            )
+        return record | Sequence(bc, data, spec, order, k, peak).run()
     except UserError:
         raise
     except Exception as exc:  # a failed run is reported as failed, never as a made-up row
@@ -151,14 +182,17 @@ def run_one(
 class Sequence:
     """One learner over one domain order, paused by the evaluator inside every domain."""
 
-    def __init__(self, bc, data, strategy, order, k, peak):
+    def __init__(self, bc, data, spec, order, k, peak):
+        strategy, extra = split_spec(spec)
         self.bc, self.data, self.strategy, self.order, self.peak = bc, data, strategy, order, peak
-        self.run_dir = Path(bc.out) / "runs" / f"{strategy}-order{k}"
+        folder = "-".join([strategy, *(e.replace("=", "_") for e in extra)]).replace("/", "_")
+        self.run_dir = Path(bc.out) / "runs" / f"{folder}-order{k}"
         if strategy == "joint":
             self.files = [data.joint_file(bc.seed + k)]
         else:
             self.files = [data.train_files[d] for d in order]
         self.overrides = [] if strategy in REFERENCE else strategy_overrides(strategy)
+        self.extra = extra  # a row's own setting: after the bench's overrides, so it wins
         general = Path(bc.stream_dir) / "general" / "train.txt" if bc.stream_dir else None
         if general is not None and general.is_file():  # a user stream brings its own general text
             self.overrides.append(f"replay.general_sources=[{general}]")
@@ -176,7 +210,7 @@ class Sequence:
             f"stream.seq_len={self.bc.seq_len}", f"train.batch_size={self.bc.batch_size}",
             f"train.lr={self.bc.lr}", f"lora.r={self.bc.lora_r}", f"lora.alpha={2 * self.bc.lora_r}",
             f"train.seed={self.seed}", "checkpoint.every_steps=1000000", "eval.every_steps=1000000",
-            "replay.capacity=20000", *self.overrides, *self.bc.overrides,
+            "replay.capacity=20000", *self.overrides, *self.bc.overrides, *self.extra,
         ])  # fmt: skip
         return Learner(cfg, show_progress=False)
 
@@ -262,6 +296,8 @@ class Sequence:
             "cost": {
                 "wall_seconds": wall,
                 "tokens_trained": c["tokens_trained"],
+                "tokens_streamed": c["tokens_streamed"],
+                "replaced_by_replay": c["replaced_by_replay"],
                 "tokens_scored": c["tokens_scored"],
                 "train_tokens_per_s": c["tokens_trained"] / wall if wall else None,
                 "peak_rss_mb": peak_rss_mb(),

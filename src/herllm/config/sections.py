@@ -106,6 +106,13 @@ class ReplayConfig:
     """`reservoir` (uniform over everything seen) or `priority` (by last loss)."""
     ratio: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Share of each training batch drawn from the buffer (0 = no replay)."""
+    mode: Literal["add", "replace"] = "add"
+    """How replayed rows (buffer and general) are paid for. `add`: they fill part of each batch
+    and the stream is read more slowly, so a run trains more tokens than the stream holds
+    (charged for the extra tokens). `replace`: each batch reads as many new windows as a run
+    without replay and replayed rows take the place of some of them (those stay in the buffer and
+    are counted as `replaced_by_replay`), so a run trains as many tokens as plain fine-tuning
+    (the fixed-compute replay of Ibrahim et al. 2024)."""
     alpha: Annotated[float, Range(ge=0)] = 1.0
     """With `priority`: sampling probability proportional to score ** alpha."""
     refresh_scores: bool = True
@@ -125,7 +132,7 @@ class ProtectConfig:
     none)."""
     kl_reference: Literal["last", "base"] = "last"
     """With kl: anchor to the model at the last consolidation (`last`, LwF) or the `base` model."""
-    strength: Annotated[float, Range(ge=0.01)] = 0.1
+    strength: Annotated[float, Range(gt=0)] = 0.1
     """Each penalty's target size as a share of the LM loss (the weight is set online to keep it)."""
     dynamic: bool = True
     """Adapt the share online: up when earlier units are forgotten, down when nothing new is learned."""

@@ -50,6 +50,7 @@ class Summary:
     bad_inputs_skipped: int
     buffer_rows: int
     nonfinite_skipped: int
+    replaced_by_replay: int
     wall_seconds: float
     train_tokens_per_s: float
     eval_first: dict[str, float] = field(default_factory=dict)
@@ -102,6 +103,8 @@ class Learner:
                     break  # the stream is exhausted (on N processes: every rank's shard)
                 replay = self.sample_replay()  # past experience from the buffer
                 general = self.sample_general()  # general text that protects general ability
+                if cfg.replay.mode == "replace":  # replayed rows take new windows' places
+                    new = self.make_room(new, len(replay) + len(general))
                 loss = self.update(new, replay, general)  # LM loss + protection, one step
                 s.step += 1
                 self.stabilize()  # periodic consolidation and strength adaptation
@@ -156,7 +159,9 @@ class Learner:
         empty batch (see `update`) while the others still have windows.
         """
         s = self.s
-        want = self.cfg.train.batch_size - self.cfg.replay_per_batch - self.cfg.general_per_batch
+        want = self.cfg.train.batch_size
+        if self.cfg.replay.mode == "add":
+            want -= self.cfg.replay_per_batch + self.cfg.general_per_batch
         s.waiting = False
         while s.ranks.any_true(len(s.pending) < want and not s.stream_done and not s.waiting):
             windows, scores, mine = self.read_and_score(want)
@@ -189,6 +194,14 @@ class Learner:
         # a followed stream that waits: what was read is learned now, in a smaller batch
         batch, s.pending = s.pending[:want], s.pending[want:]
         return batch
+
+    def make_room(self, new: list[Experience], n_replayed: int) -> list[Experience]:
+        """`replay.mode=replace`: keep as many new windows as leave room for `n_replayed` rows
+        in the batch (at least one); the others were offered to the buffer when read and are
+        counted, so the run trains as many tokens per step as without replay."""
+        keep = max(1, self.cfg.train.batch_size - n_replayed) if new else 0
+        self.s.counters["replaced_by_replay"] += max(0, len(new) - keep)
+        return new[:keep]
 
     def read_and_score(self, want: int) -> tuple[list[Experience], Scores, list[bool]]:
         """Score this rank's next windows (none when it has enough, or its shard has ended),
@@ -338,7 +351,7 @@ class Learner:
         wall = c["train_seconds"] + (time.perf_counter() - s.started)
         keys = ("windows_read", "tokens_streamed", "tokens_scored", "tokens_trained", "selected",
                 "skipped_by_selection", "replayed", "general_replayed", "shifts", "consolidations",
-                "reptile_steps", "nonfinite_skipped")  # fmt: skip
+                "reptile_steps", "nonfinite_skipped", "replaced_by_replay")  # fmt: skip
         return Summary(
             run_dir=str(s.run_dir),
             steps=s.step,

@@ -37,7 +37,7 @@ from herllm.update.strength import DynamicStrength
 COUNTERS = (
     "general_replayed", "shifts", "consolidations", "reptile_steps",
     "windows_read", "tokens_streamed", "tokens_scored", "tokens_trained", "selected",
-    "skipped_by_selection", "replayed", "nonfinite_skipped",
+    "skipped_by_selection", "replayed", "nonfinite_skipped", "replaced_by_replay",
 )  # fmt: skip
 
 

@@ -30,7 +30,11 @@ class Protection:
         """On N processes: averages the magnitudes that set the weights, so every rank keeps the
         same strength state (the identity on one process)."""
         self.regs = {name: build_regularizer(name, cfg) for name in cfg.regularizers}
-        self.strength = DynamicStrength(target_ratio=cfg.strength, max_ratio=max(1.0, cfg.strength))
+        self.strength = DynamicStrength(
+            target_ratio=cfg.strength,
+            min_ratio=min(0.01, cfg.strength),
+            max_ratio=max(1.0, cfg.strength),
+        )
         self.reptile = (
             Reptile(cfg.reptile_every, cfg.reptile_epsilon) if cfg.reptile_every > 0 else None
         )
