@@ -8,7 +8,7 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-smollm2 test test-fast demo lint format bench bench-quick bench-step bench-step-smollm2 bench-buffer bench-shift bench-routing bench-short-routing clean
+.PHONY: install install-smollm2 test test-fast demo lint format bench bench-quick bench-split bench-smollm2 bench-step bench-step-smollm2 bench-buffer bench-shift bench-routing bench-short-routing clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,22 @@ bench-quick: install
 bench: install
 	$(BIN)/herllm bench --orders 3 --tokens-per-domain 24000 --evals-per-domain 2 --eval-windows 8 \
 		--probe-items 16 --out results/bench
+
+# #18's protocol: settings chosen on 4 tuning domains, every row reported on the other 4, then swapped
+bench-split: install
+	$(BIN)/herllm bench --tune-domains sotu,pycode,austen,wordnet --domains pgdocs,kjv,jargon,shakespeare \
+		--strategies $(SPLIT_ROWS) --orders 3 --tokens-per-domain 24000 --evals-per-domain 2 \
+		--eval-windows 8 --probe-items 16 --out results/bench-split-a
+	$(BIN)/herllm bench --tune-domains pgdocs,kjv,jargon,shakespeare --domains sotu,pycode,austen,wordnet \
+		--strategies $(SPLIT_ROWS) --orders 3 --tokens-per-domain 24000 --evals-per-domain 2 \
+		--eval-windows 8 --probe-items 16 --out results/bench-split-b
+SPLIT_ROWS := base,joint,hf-peft,naive,replay,replay:replay.mode=replace,ewc,mas,si,lwf,mer,olora,her,her:replay.mode=replace
+
+# the real model: 4 domains x 8,000 tokens, 3 orders (hours on a 2-core CPU: run it in the background)
+bench-smollm2: install
+	$(BIN)/herllm bench --model smollm2-135m --domains sotu,pycode,austen,kjv \
+		--strategies base,joint,naive,replay,her --orders 3 --tokens-per-domain 8000 \
+		--evals-per-domain 1 --eval-windows 8 --probe-items 0 --out results/bench-smollm2
 
 bench-shift: install
 	$(BIN)/python benchmarks/bench_shift.py --orders 3 --tokens-per-domain 48000 --strategy ewc \

@@ -26,6 +26,7 @@ from herllm import __version__
 from herllm.bench.data import BenchData, load_bench_data
 from herllm.bench.suite import intrinsic_signals, run_metrics, switch_indices
 from herllm.config import build_config
+from herllm.config.sections import LoraConfig, StreamConfig, TrainConfig
 from herllm.errors import UserError
 from herllm.evaluate.cost import Meter, measure_matmul_peak, peak_rss_mb, train_flops_per_token
 from herllm.evaluate.routing import routing_figures
@@ -58,14 +59,14 @@ class BenchConfig:
     """Label-free signals at the end of each run (entropy, CKA to the base, generation quality)."""
     model: str = "herllm-tiny"
     """Base model (bundled name, local directory or hub id)."""
-    seq_len: int = 128
-    """Tokens per window."""
-    batch_size: int = 8
-    """Windows per optimizer step."""
-    lr: float = 1e-3
-    """Learning rate of every strategy."""
-    lora_r: int = 16
-    """LoRA rank of every strategy."""
+    seq_len: int = StreamConfig.seq_len
+    """Tokens per window (`herllm adapt`'s default)."""
+    batch_size: int = TrainConfig.batch_size
+    """Windows per optimizer step (`herllm adapt`'s default)."""
+    lr: float = TrainConfig.lr
+    """Learning rate of every strategy (`herllm adapt`'s default)."""
+    lora_r: int = LoraConfig.r
+    """LoRA rank of every strategy (`herllm adapt`'s default; alpha is twice the rank, as there)."""
     seed: int = 0
     """Base seed: order k uses seed + k."""
     tune_domains: list[str] = field(default_factory=list)

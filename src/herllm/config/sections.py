@@ -206,8 +206,8 @@ class ExpandConfig:
 class TrainConfig:
     batch_size: Annotated[int, Range(gt=0)] = 8
     """Experiences per optimizer step (new + replay)."""
-    lr: Annotated[float, Range(gt=0)] = 3e-4
-    """Peak learning rate of AdamW."""
+    lr: Annotated[float, Range(gt=0)] = 1e-3
+    """Peak learning rate of AdamW (the LoRA adapters'; every benchmark figure uses it)."""
     weight_decay: Annotated[float, Range(ge=0)] = 0.0
     """AdamW weight decay on the trainable (adapter) parameters."""
     warmup_steps: Annotated[int, Range(ge=0)] = 20
