@@ -145,12 +145,15 @@ class HFReference:
         self.evaluate(0, 0, 0, at_end=True)
         past: list[Experience] = []
         rng = random.Random(self.seed)
+        self.streamed = self.replaced = 0  # the stream's tokens; new windows replay took
         for i, domain in enumerate(self.order):
             with self.meter:  # packing is part of training, as in the learner
                 windows = segment_windows(
                     self.data.train_files[domain], self.tok, self.cfg.stream.seq_len
                 )
             self.pool = past
+            self.streamed += sum(w.n_tokens for w in windows)
+            self.replaced += round(REPLAY_SHARE * len(windows)) if past else 0
             self.train_segment(i, with_replay(windows, past, rng))
             past = past + windows
         return self.finish()
@@ -209,6 +212,8 @@ class HFReference:
             "cost": {
                 "wall_seconds": wall,
                 "tokens_trained": tokens,
+                "tokens_streamed": self.streamed,
+                "replaced_by_replay": self.replaced,
                 "tokens_scored": 0,
                 "train_tokens_per_s": tokens / wall if wall else None,
                 "peak_rss_mb": peak_rss_mb(),

@@ -44,6 +44,7 @@ MAIN_COLUMNS = [
 ]
 COST_COLUMNS = [
     ("wall_seconds", "wall s", ".1f"), ("tokens_trained", "tokens trained", ",.0f"),
+    ("tokens_streamed", "tokens streamed", ",.0f"), ("replaced_by_replay", "windows replaced by replay", ",.0f"),
     ("tokens_scored", "tokens scored", ",.0f"), ("train_tokens_per_s", "train tok/s", ",.0f"),
     ("peak_rss_mb", "peak RSS MB", ",.0f"), ("total_params", "total params", ",.0f"),
     ("adapters", "adapters", ".0f"), ("adapters_grown", "adapters grown", ".0f"),
@@ -383,17 +384,10 @@ def _body(data: dict[str, Any], results_dir: Path) -> list[Block]:
         blocks += _section(
             "her against its targets", ("table", ["target", "measured", "verdict"], rows)
         )
-    sweep = data.get("sweep")
-    if sweep:
-        from herllm.bench.sweep import CRITERION, sweep_table
+    if data.get("sweep"):
+        from herllm.bench.sweep import sweep_blocks
 
-        tuned = next(iter(sweep.values()))
-        blocks += [("h", 2, "Settings chosen on the tuning domains"), ("p", (
-            f"Each swept strategy ran every setting below on the tuning domains "
-            f"({', '.join(tuned['domains'])}; {tuned['orders']} order(s)), never on the domains "
-            f"reported above; the setting with the lowest {CRITERION.replace('_', ' ')} is the "
-            "one its row uses. Strategies not listed run at their registered settings."
-        )), sweep_table(sweep)]  # fmt: skip
+        blocks += sweep_blocks(data["sweep"])
     domains = list(data.get("domains") or [])
     blocks += P.figure_blocks(first, stats, per_run, domains, results_dir / "plots")
     blocks += _section("Cost", P.stat_table(stats, n_ok, COST_COLUMNS))

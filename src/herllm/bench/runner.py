@@ -114,7 +114,7 @@ def run_bench(bc: BenchConfig, progress=print, command: str | None = None) -> di
         from herllm.bench.sweep import test_domains, tune
 
         bc = replace(bc, domains=test_domains(bc))
-        sweep = tune(bc, progress)
+        sweep = tune(bc, run_one, domain_orders, progress)
         for label in specs:  # a swept strategy's rows (variants too) use its chosen setting
             name, extra = split_spec(label)
             if name in sweep:

@@ -60,11 +60,11 @@ def test_domains(bc) -> list[str]:
     return rest
 
 
-def tune(bc, progress=print) -> dict[str, dict]:
-    """Run each swept strategy of `bc.strategies` over its grid on `bc.tune_domains`; return
+def tune(bc, run_one, domain_orders, progress=print) -> dict[str, dict]:
+    """Run each swept strategy of `bc.strategies` over its grid on `bc.tune_domains` (with the
+    runner's `run_one` and `domain_orders`, passed in so this module does not import it); return
     {strategy: {"key", "points": [{"value", "spec", figures...}], "value", "spec"}}."""
     from herllm.bench.data import load_bench_data
-    from herllm.bench.runner import domain_orders, run_one
     from herllm.evaluate.cost import measure_matmul_peak
 
     swept = [s for s in bc.strategies if s in SWEEPS]
@@ -121,10 +121,20 @@ def choose(points: list[dict]) -> dict:
     return min(finite, key=lambda p: p[CRITERION])
 
 
-def sweep_table(sweep: dict[str, dict]) -> tuple | None:
-    """The report's table of every sweep point, the chosen ones marked."""
-    if not sweep:
-        return None
+def sweep_blocks(sweep: dict[str, dict]) -> list[tuple]:
+    """The report's section on the sweep: what was tuned where, and every point."""
+    tuned = next(iter(sweep.values()))
+    text = (
+        f"Each swept strategy ran every setting below on the tuning domains "
+        f"({', '.join(tuned['domains'])}; {tuned['orders']} order(s)), never on the domains "
+        f"reported above; the setting with the lowest {CRITERION.replace('_', ' ')} is the one "
+        "its rows use. Strategies not listed run at their registered settings."
+    )
+    return [("h", 2, "Settings chosen on the tuning domains"), ("p", text), sweep_table(sweep)]
+
+
+def sweep_table(sweep: dict[str, dict]) -> tuple:
+    """The table of every sweep point, the chosen ones marked."""
     rows = []
     for name, s in sweep.items():
         for p in s["points"]:
