@@ -49,3 +49,18 @@ def test_token_stats_in_row_blocks_equals_one_pass(monkeypatch):
     blocks = scoring.token_stats(logits, labels)
     for a, b in zip(whole, blocks, strict=True):
         assert torch.equal(a, b)
+
+
+def test_without_entropy_the_nll_is_bit_for_bit_the_same(monkeypatch):
+    """`mean_nll` and scoring without a shift detector skip the entropy; the NLL is unchanged."""
+    from herllm.refine import scoring
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(5, 12, 50), torch.randint(0, 50, (5, 12))
+    labels[1, :4] = -100
+    nll, ent, count = scoring.token_stats(logits, labels)
+    nll_only, nan, count_only = scoring.token_stats(logits, labels, entropy=False)
+    assert torch.equal(nll, nll_only) and torch.equal(count, count_only)
+    assert torch.isnan(nan).all() and torch.isfinite(ent).all()
+    monkeypatch.setattr(scoring, "CHUNK_ELEMENTS", 2 * 12 * 50)  # in row blocks as well
+    assert torch.equal(scoring.token_stats(logits, labels, entropy=False)[0], nll)

@@ -96,7 +96,8 @@ class AdaptedModel:
             if current is not None and bank.compose == "route":
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
                 open_key = ad.fit_unit_key(model, current["reservoir"], current["id"], bank.current,
-                                        cfg.stream.seq_len, pad, device)  # fmt: skip
+                                           cfg.stream.seq_len, pad, device,
+                                           current.get("reservoir_reps"))  # fmt: skip
         store = RunKnowledge.open(run, cfg.knowledge) if knowledge else None
         return cls(model, tokenizer, bank, open_key, store)
 

@@ -52,6 +52,15 @@ class OpenUnit:
     """Up to `reservoir_size` windows of this unit (algorithm R): its own held-out probe."""
     reservoir_index: list[int] = field(default_factory=list)
     """Stream index (0-based, over every window read) of each reservoir window."""
+    reservoir_reps: list[np.ndarray | None] = field(default_factory=list)
+    """(H,) base-model representation of each reservoir window, as the scoring pass computed it
+    (`Ledger(keep_reps=True)`), so a routing key needs no base pass of its own; None where the
+    pass computed none (representations of the adapted model, no scoring, or a unit saved
+    before they were kept)."""
+
+    def __post_init__(self) -> None:
+        missing = len(self.reservoir) - len(self.reservoir_reps)  # a unit saved before reps
+        self.reservoir_reps = list(self.reservoir_reps) + [None] * missing
 
     def split_at(self, start: int) -> tuple[list, list]:
         """Reservoir windows read before stream index `start`, and from it on (a unit closes
@@ -60,14 +69,28 @@ class OpenUnit:
         after = [w for w, i in zip(self.reservoir, self.reservoir_index, strict=True) if i >= start]
         return before, after
 
+    def split_reps_at(self, start: int) -> tuple[list, list]:
+        """`reservoir_reps` split as `split_at(start)` splits the windows."""
+        pairs = list(zip(self.reservoir_reps, self.reservoir_index, strict=True))
+        return [r for r, i in pairs if i < start], [r for r, i in pairs if i >= start]
+
 
 class Ledger:
     """Knowledge units and events of one run (see module doc)."""
 
-    def __init__(self, run_dir: Path, reservoir_size: int = 32, seed: int = 0, writer: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        reservoir_size: int = 32,
+        seed: int = 0,
+        writer: bool = True,
+        keep_reps: bool = False,
+    ):
         self.path = run_dir / "ledger.jsonl"
         self.units_dir = run_dir / "units"
         self.reservoir_size = reservoir_size
+        self.keep_reps = keep_reps
+        """Keep the base representation of each reservoir window (routing keys need them)."""
         self.rng = np.random.default_rng(seed)
         self.writer = writer
         self.current: OpenUnit | None = None
@@ -91,9 +114,14 @@ class Ledger:
         return unit_id
 
     def observe(
-        self, windows: list[tuple[np.ndarray, np.ndarray]], selected: np.ndarray, reps: torch.Tensor
+        self,
+        windows: list[tuple[np.ndarray, np.ndarray]],
+        selected: np.ndarray,
+        reps: torch.Tensor | None,
+        base: bool = False,
     ) -> None:
-        """Account the windows (token ids, loss mask) read in the current unit; reps (B, H)."""
+        """Account the windows (token ids, loss mask) read in the current unit; reps (B, H),
+        the base model's when `base` (then kept with the reservoir windows, if `keep_reps`)."""
         u = self.current
         u.seen += len(windows)
         self.total += len(windows)
@@ -101,16 +129,21 @@ class Ledger:
         if reps is not None:  # None when the loop did not score (plain fine-tuning)
             r = reps.double().sum(0).numpy()
             u.rep_sum = r if u.rep_sum is None else u.rep_sum + r
+        keep = self.keep_reps and base and reps is not None
+        rows = reps.float().numpy() if keep else None  # (B, H)
         for k, w in enumerate(windows):  # reservoir sampling: a uniform sample of the unit
             index = self.total - len(windows) + k
+            rep = rows[k].copy() if keep else None
             if len(u.reservoir) < self.reservoir_size:
                 u.reservoir.append(w)
                 u.reservoir_index.append(index)
+                u.reservoir_reps.append(rep)
             else:
                 j = int(self.rng.integers(0, u.seen - len(windows) + k + 1))
                 if j < self.reservoir_size:
                     u.reservoir[j] = w
                     u.reservoir_index[j] = index
+                    u.reservoir_reps[j] = rep
 
     def close_unit(
         self, step: int, tokens: int, adapters: list[str], ref_loss: float, stability: dict

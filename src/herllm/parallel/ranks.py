@@ -187,6 +187,7 @@ class Ranks:
             entropy=torch.tensor(np.array([t[4] for t in items], dtype=np.float32)),
             reps=torch.from_numpy(np.stack([t[5] for t in items])) if with_reps else None,
             tokens=sum(p[4] for p in parts),
+            base=scores.base,  # every rank scores with the same settings
         )
         return [t[2] for t in items], merged, [t[1] == self.rank for t in items]
 

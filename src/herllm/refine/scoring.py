@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ class Scores:
     """(B, H) last hidden state mean-pooled over real tokens: the representation statistic."""
     tokens: int
     """Tokens scored (attention-mask sum)."""
+    base: bool = False
+    """`reps` are the frozen base model's (adapters off): valid as routing-key inputs."""
 
 
 CHUNK_ELEMENTS = 1 << 26
@@ -30,32 +33,38 @@ CHUNK_ELEMENTS = 1 << 26
 
 
 def token_stats(
-    logits: torch.Tensor, labels: torch.Tensor
+    logits: torch.Tensor, labels: torch.Tensor, entropy: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample mean NLL and entropy of next-token predictions, and the count of counted tokens.
 
     logits (B, T, V) predict labels shifted by one; labels (B, T) with -100 where no loss. Rows
     are taken in blocks of at most `CHUNK_ELEMENTS` logits (each row's result is the same).
+    Without `entropy` the entropy is NaN and its two vocabulary-wide passes (softmax, product)
+    are skipped; the NLL is the same, bit for bit.
     """
     b, t, v = logits.shape
     rows = max(1, CHUNK_ELEMENTS // max(1, t * v))
     if b <= rows:
-        return _token_stats(logits, labels)
-    parts = [_token_stats(logits[i : i + rows], labels[i : i + rows]) for i in range(0, b, rows)]
+        return _token_stats(logits, labels, entropy)
+    parts = [_token_stats(logits[i : i + rows], labels[i : i + rows], entropy)
+             for i in range(0, b, rows)]  # fmt: skip
     return tuple(torch.cat(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]
 
 
-def _token_stats(logits: torch.Tensor, labels: torch.Tensor):
+def _token_stats(logits: torch.Tensor, labels: torch.Tensor, entropy: bool = True):
     logits = logits[:, :-1].float()  # (B, T-1, V)
     target = labels[:, 1:]  # (B, T-1)
     valid = target != -100  # (B, T-1)
     # Two (B, T-1, V) temporaries instead of three: H = logZ - sum p * logit, NLL = logZ - logit_y.
     lse = torch.logsumexp(logits, dim=-1)  # (B, T-1)
     nll = lse - logits.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (B, T-1)
     count = valid.sum(-1)  # (B,)
     denom = count.clamp_min(1)
-    return (nll * valid).sum(-1) / denom, (ent * valid).sum(-1) / denom, count
+    nll_mean = (nll * valid).sum(-1) / denom  # (B,)
+    if not entropy:
+        return nll_mean, torch.full_like(nll_mean, math.nan), count
+    ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (B, T-1)
+    return nll_mean, (ent * valid).sum(-1) / denom, count
 
 
 @torch.no_grad()
@@ -120,11 +129,12 @@ def base_pooled_states(model, batch: dict) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def score_batch(model, batch: dict, base_reps: bool = False) -> Scores:
+def score_batch(model, batch: dict, base_reps: bool = False, entropy: bool = True) -> Scores:
     """One no-grad forward pass: NLL, entropy and pooled representation of every sample.
 
     With ``base_reps`` the representations are the base model's (adapters off, one more pass
-    through the decoder): what the inputs look like, whatever the adapters have learned."""
+    through the decoder): what the inputs look like, whatever the adapters have learned. Without
+    ``entropy`` (nobody reads it: only shift detection does) the entropy is NaN."""
     was_training = model.training
     model.eval()
     out = model(
@@ -134,28 +144,40 @@ def score_batch(model, batch: dict, base_reps: bool = False) -> Scores:
     )
     if was_training:
         model.train()
-    nll, ent, _ = token_stats(out.logits, batch["labels"])
+    nll, ent, _ = token_stats(out.logits, batch["labels"], entropy)
     if base_reps:
         reps = base_pooled_states(model, batch)
     else:
         reps = _pool(out.hidden_states[-1], batch["attention_mask"]).cpu()
     tokens = int(batch["attention_mask"].sum())
-    return Scores(nll=nll.cpu(), entropy=ent.cpu(), reps=reps, tokens=tokens)
+    return Scores(nll=nll.cpu(), entropy=ent.cpu(), reps=reps, tokens=tokens, base=base_reps)
+
+
+def batch_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed token NLL of one batch and its token count: the terms `mean_nll` adds up."""
+    nll, _, n = token_stats(logits, labels, entropy=False)
+    return float((nll * n).sum()), int(n.sum())
 
 
 @torch.no_grad()
-def mean_nll(model, batches) -> tuple[float, int]:
-    """Token-weighted mean NLL over batches (for held-out evaluation) and the token count."""
+def mean_nll(model, batches, known: dict | None = None) -> tuple[float, int]:
+    """Token-weighted mean NLL over batches (for held-out evaluation) and the token count.
+
+    `known`: {batch index: `batch_nll`} of batches this model already ran forward on with the
+    same weights (see `run.units.nll_tap`); they are not run again."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device  # the evaluation sets live on the CPU
-    for batch in batches:
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        out = model(input_ids=ids, attention_mask=mask)
-        nll, _, n = token_stats(out.logits, batch["labels"].to(device))
-        total += float((nll * n).sum())
-        count += int(n.sum())
+    for i, batch in enumerate(batches):
+        if known is not None and i in known:
+            t, n = known[i]
+        else:
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            out = model(input_ids=ids, attention_mask=mask)
+            t, n = batch_nll(out.logits, batch["labels"].to(device))
+        total += t
+        count += n
     if was_training:
         model.train()
     return (total / count if count else float("nan")), count

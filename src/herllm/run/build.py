@@ -124,7 +124,13 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
         eval_sets=load_eval_sets(cfg, tokenizer, accelerator.device),
         protection=Protection(cfg.protect, mean_over_ranks=ranks.mean),
         detector=detector,
-        ledger=Ledger(run_dir, reservoir, seed=cfg.train.seed, writer=accelerator.is_main_process),
+        ledger=Ledger(
+            run_dir,
+            reservoir,
+            seed=cfg.train.seed,
+            writer=accelerator.is_main_process,
+            keep_reps=ex.grow,  # the routing keys' base representations, from scoring
+        ),
         general=general,
         ranks=ranks,
         sharded=sharded,

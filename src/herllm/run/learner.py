@@ -174,11 +174,11 @@ class Learner:
                 # taken on rank 0 and broadcast, so every rank applies the same decision even
                 # if their devices rounded the scores differently
                 event = s.ranks.broadcast(event)
-                if event is not None:
-                    close_unit(s, event, windows)  # close, consolidate, pick the adapter, open next
+                if event is not None:  # close, consolidate, pick the adapter, open next
+                    close_unit(s, event, windows, scores.reps if scores.base else None)
             chosen = s.selector.select(scores.nll.numpy())
             s.ledger.observe([(w.input_ids[: w.n_tokens], w.loss_mask[: w.n_tokens]) for w in windows],
-                             chosen, scores.reps)  # fmt: skip
+                             chosen, scores.reps, base=scores.base)  # fmt: skip
             self.remember(windows, scores.nll.numpy(), step=s.step)
             s.pending.extend(
                 w for w, k, own in zip(windows, chosen, mine, strict=True) if k and own
@@ -219,15 +219,17 @@ class Learner:
         s, cfg = self.s, self.cfg
         needed = (cfg.select.policy != "all" or s.detector is not None or s.protection.regs
                   or (cfg.replay.capacity > 0 and cfg.replay.policy == "priority"))  # fmt: skip
+        base = s.detector is not None and cfg.shift.reps == "base"
         if needed and s.ranks.forward_together(bool(windows)):
-            base = s.detector is not None and cfg.shift.reps == "base"
-            # with an FSDP-sharded base a rank without windows runs a placeholder pass
+            # with an FSDP-sharded base a rank without windows runs a placeholder pass; the
+            # entropy is a detector channel, and nothing else reads it
             rows = windows or [s.placeholder_window()]
-            scores = score_batch(s.model, s.to_device(to_batch(rows)), base_reps=base)
+            scores = score_batch(s.model, s.to_device(to_batch(rows)), base_reps=base,
+                                 entropy=s.detector is not None)  # fmt: skip
             if windows:
                 return scores
         nan = torch.full((len(windows),), float("nan"))
-        return Scores(nll=nan, entropy=nan, reps=None, tokens=0)
+        return Scores(nll=nan, entropy=nan, reps=None, tokens=0, base=base)
 
     def remember(self, windows: list[Experience], nll: np.ndarray, step: int) -> None:
         """Offer every read window (selected or not) to the replay buffer."""

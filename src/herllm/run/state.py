@@ -164,10 +164,16 @@ class RunState:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     # -- adapters ---------------------------------------------------------------------------
-    def unit_key(self, unit_id: str, reservoir) -> ad.RoutingKey | None:
-        """Routing key of a unit from its reservoir windows (None with too few of them)."""
+    def unit_key(self, unit_id: str, reservoir, reps=None) -> ad.RoutingKey | None:
+        """Routing key of a unit from its reservoir windows (None with too few of them); `reps`,
+        the windows' base representations kept from scoring, spare the base pass where given."""
         return ad.fit_unit_key(self.model, reservoir, unit_id, self.bank.current, self.cfg.stream.seq_len,
-                               self.packer.pad_id, self.accelerator.device)  # fmt: skip
+                               self.packer.pad_id, self.accelerator.device, reps)  # fmt: skip
+
+    def window_reps(self, windows, known=None) -> np.ndarray:
+        """(N, H) base representations of windows (token ids, loss mask); see `ad.window_reps`."""
+        return ad.window_reps(self.model, windows, self.cfg.stream.seq_len, self.packer.pad_id,
+                              self.accelerator.device, known)  # fmt: skip
 
     def inference_model(self):
         """The model as users query it: routed across adapters when the run grows them. The
@@ -179,7 +185,7 @@ class RunState:
         if u is not None and self.bank.compose == "route":
             stamp = (u.id, u.seen, self.bank.current)
             if self._open_key is None or self._open_key[0] != stamp:
-                self._open_key = (stamp, self.unit_key(u.id, u.reservoir))
+                self._open_key = (stamp, self.unit_key(u.id, u.reservoir, u.reservoir_reps))
             if self._open_key[1] is not None:
                 extra.append(self._open_key[1])
         return ad.RoutedModel(self.accelerator.unwrap_model(self.model), self.bank, extra)

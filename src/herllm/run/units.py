@@ -10,14 +10,14 @@ adapters and trainer state under `units/<id>/`, and open the next unit.
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from herllm import atomic as ckpt
-from herllm.acquire.chunks import to_batch
 from herllm.models.load import ADAPTER_NAME
-from herllm.refine.scoring import mean_nll
+from herllm.refine.scoring import batch_nll, mean_nll
 from herllm.run.adapters_io import save_adapters
 from herllm.update import adapters as ad
 
@@ -36,51 +36,93 @@ def earlier_units_loss(s, units: int = 4, windows: int = 8) -> float | None:
     return float(np.mean([mean_nll(s.model, s.reservoir_batches(r))[0] for r in refs]))
 
 
+@contextmanager
+def nll_tap(model, batches: list[dict]):
+    """While open: `batch_nll` of each of `batches` that `model` runs forward on as it is (eval
+    mode, adapters on, those very input tensors), by batch index.
+
+    The importance pass at a close runs the model forward on the first batches of the unit's
+    sample, with the weights the unit's held-out loss is measured with (consolidating changes
+    no weight): the loss of those batches is read from its logits, not from a second forward.
+    A pass that runs other inputs (per-sample slices) or another model leaves them to measure."""
+    peft = getattr(model, "module", model)
+    index = {id(b["input_ids"]): i for i, b in enumerate(batches)}
+    layers = ad.lora_layers(peft)
+    seen: dict[int, tuple[float, int]] = {}
+
+    def record(module, _args, kwargs, out) -> None:
+        ids = kwargs.get("input_ids")
+        i = index.get(id(ids))
+        if i is None or i in seen or batches[i]["input_ids"] is not ids or module.training:
+            return
+        if kwargs.get("adapter_names") is not None or any(m.disable_adapters for m in layers):
+            return  # not the model the held-out loss is measured with
+        with torch.no_grad():
+            seen[i] = batch_nll(out.logits.detach(), batches[i]["labels"])
+
+    handle = peft.register_forward_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 def open_first_unit(s) -> None:
     s.ledger.open_unit(s.step, s.counters["tokens_streamed"], event=None)
 
 
-def close_unit(s, event, new_windows=()) -> None:
+def close_unit(s, event, new_windows=(), new_reps=None) -> None:
     """Close the current unit at a detected shift and open the next one (see module doc).
 
     With expansion on, the closed unit's routing key is fitted and `new_windows` (the samples
-    that raised the shift) decide whether the next unit reuses an adapter or grows one."""
+    that raised the shift) decide whether the next unit reuses an adapter or grows one. Both use
+    base representations the scoring pass already computed where there are any (`new_reps`
+    (B, H) for the new windows, the reservoir's kept ones for the unit's); a base pass makes
+    the others."""
     unit = s.ledger.current
     own = s.reservoir_batches(unit.reservoir)
-    ref_loss = mean_nll(s.model, own)[0] if own else float("nan")
     stability = {  # 32 windows per earlier unit: the cost of a close stays flat as units add up
         uid: round(mean_nll(s.model, s.reservoir_batches(u["reference"][:32]))[0], 5)
         for uid, u in s.ledger.closed.items()
         if u["reference"]
     }
+    measured = {}
     if s.protection.regs and own:  # importances: one backward pass per sample, so a capped few
-        s.protection.consolidate(s.model, own[: s.cfg.protect.consolidate_batches])
+        with nll_tap(s.model, own) as measured:  # their forward is the held-out loss's as well
+            s.protection.consolidate(s.model, own[: s.cfg.protect.consolidate_batches])
         s.counters["consolidations"] += 1
+    ref_loss = mean_nll(s.model, own, known=measured)[0] if own else float("nan")
     tokens = s.counters["tokens_streamed"]
     trained = s.bank.current if s.bank is not None else ADAPTER_NAME
-    spill = []
+    spill, spill_reps = [], []
     if s.bank is not None:
         # the key covers the unit's own region: windows read from the estimated change point on
         # belong to the next region (detection lags); they help decide where that region goes
-        own, spill = unit.split_at(min(event.sample_index, event.change_index))
-        key = s.ranks.broadcast(s.unit_key(unit.id, own if len(own) >= 8 else unit.reservoir))
+        start = min(event.sample_index, event.change_index)
+        (mine, spill), (mine_reps, spill_reps) = unit.split_at(start), unit.split_reps_at(start)
+        if len(mine) < 8:
+            mine, mine_reps = unit.reservoir, unit.reservoir_reps
+        key = s.ranks.broadcast(s.unit_key(unit.id, mine, mine_reps))
         if key is not None:
             s.bank.add_key(key)
     s.ledger.close_unit(s.step, tokens, [trained], ref_loss, stability)
     save_unit_snapshot(s, unit.id)
     record = {k: (v.item() if hasattr(v, "item") else v) for k, v in vars(event).items()}
     if s.bank is not None and new_windows:
-        choose_adapter(s, list(new_windows) + [s.window_to_experience(i, m) for i, m in spill])
+        windows = [(w.input_ids[: w.n_tokens], w.loss_mask[: w.n_tokens]) for w in new_windows]
+        reps = [None] * len(windows) if new_reps is None else list(np.asarray(new_reps))
+        choose_adapter(s, windows + spill, reps + spill_reps)
     s.ledger.open_unit(s.step, tokens, event=record)
     s.counters["shifts"] += 1
     s.log_event({"event": "shift", "step": s.step, "closed": unit.id, **record})
 
 
-def choose_adapter(s, new_windows) -> str:
-    """Reuse the adapter of the unit the new region lies near, or grow one (merging the two
-    closest adapters first when the cap is reached); every change goes to the ledger."""
+def choose_adapter(s, windows, reps=None) -> str:
+    """Reuse the adapter of the unit the new region (`windows`: token ids, loss mask) lies near,
+    or grow one (merging the two closest adapters first when the cap is reached); every change
+    goes to the ledger. `reps`: the windows' base representations where known (None: computed)."""
     bank = s.bank
-    reps = ad.base_reps(s.model, [s.to_device(to_batch(list(new_windows)))]).numpy()
+    reps = s.window_reps(windows, reps)  # (N, H)
     reuse, near = s.ranks.broadcast(bank.decide(reps))  # rank 0 decides for every rank
     step = s.step
     if reuse is not None:

@@ -384,12 +384,26 @@ class RoutedModel:
         return self._model.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
 
+def window_reps(model, windows, seq_len: int, pad_id: int, device, known=None) -> np.ndarray:
+    """(N, H) base representations of windows (token ids, loss mask): the `known` ones (a list
+    aligned with `windows`, as the scoring pass kept them) as they are, the others (None, or all
+    when `known` is None) from a base pass."""
+    known = list(known) if known is not None else [None] * len(windows)
+    missing = [i for i, r in enumerate(known) if r is None]
+    if missing:
+        batches = window_batches([windows[i] for i in missing], seq_len, pad_id, device)
+        for i, rep in zip(missing, base_reps(model, batches).numpy(), strict=True):
+            known[i] = rep
+    return np.stack(known)
+
+
 def fit_unit_key(
-    model, reservoir, unit: str, adapter: str, seq_len: int, pad_id: int, device
+    model, reservoir, unit: str, adapter: str, seq_len: int, pad_id: int, device, reps=None
 ) -> RoutingKey | None:
-    """Routing key of a unit from its reservoir windows (token ids, loss mask); None if < 8."""
+    """Routing key of a unit from its reservoir windows (token ids, loss mask); None if < 8.
+    `reps`: the windows' base representations where the scoring pass kept them (`window_reps`)."""
     if len(reservoir) < 8:
         return None
-    batches = window_batches(reservoir, seq_len, pad_id, device)
     tokens = float(np.mean([len(ids) for ids, _ in reservoir]))
-    return RoutingKey.fit(unit, adapter, base_reps(model, batches).numpy(), tokens=tokens)
+    x = window_reps(model, reservoir, seq_len, pad_id, device, reps)  # (N, H)
+    return RoutingKey.fit(unit, adapter, x, tokens=tokens)
