@@ -69,11 +69,11 @@ bench: install
 bench-split: install
 	$(BIN)/herllm bench --tune-domains sotu,pycode,austen,wordnet --domains pgdocs,kjv,jargon,shakespeare \
 		--strategies $(SPLIT_ROWS) --orders 3 --tokens-per-domain 24000 --evals-per-domain 2 \
-		--eval-windows 8 --probe-items 8 --out results/bench-split-a
+		--eval-windows 8 --probe-items 0 --intrinsic false --out results/bench-split-a
 	$(BIN)/herllm bench --tune-domains pgdocs,kjv,jargon,shakespeare --domains sotu,pycode,austen,wordnet \
 		--strategies $(SPLIT_ROWS) --orders 3 --tokens-per-domain 24000 --evals-per-domain 2 \
-		--eval-windows 8 --probe-items 8 --out results/bench-split-b
-SPLIT_ROWS := base,joint,hf-peft,naive,replay,replay:replay.mode=replace,ewc,mas,si,lwf,mer,her,her:replay.mode=replace,her:select.fraction=1.0
+		--eval-windows 8 --probe-items 0 --intrinsic false --out results/bench-split-b
+SPLIT_ROWS := base,joint,hf-peft,naive,replay,replay:replay.mode=replace,ewc,lwf,mer,her,her:replay.mode=replace
 
 # the real model: 4 domains x 8,000 tokens, 3 orders (hours on a 2-core CPU: run it in the background)
 bench-smollm2: install
