@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from herllm.bench import plots as P
-from herllm.bench.targets import target_rows
+from herllm.bench.targets import baseline_plasticity_rows, target_rows
 from herllm.errors import UserError
 from herllm.evaluate import metrics as M
 from herllm.strategies import strategy_order
@@ -384,6 +384,9 @@ def _body(data: dict[str, Any], results_dir: Path) -> list[Block]:
         blocks += _section(
             "her against its targets", ("table", ["target", "measured", "verdict"], rows)
         )
+    if rows := baseline_plasticity_rows(stats):
+        head = ["row", "plasticity vs naive's", "within 5% of naive's"]
+        blocks += _section("Every row's plasticity against naive's", ("table", head, rows))
     if data.get("sweep"):
         from herllm.bench.sweep import sweep_blocks
 
