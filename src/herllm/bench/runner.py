@@ -171,7 +171,7 @@ def run_one(
             from herllm.bench.hf_reference import run_hf_reference
 
             return record | run_hf_reference(
-                replace(bc, overrides=[*extra, *bc.overrides]), data, order, k, peak
+                replace(bc, overrides=[*bc.overrides, *extra]), data, order, k, peak
             )
         return record | Sequence(bc, data, spec, order, k, peak).run()
     except UserError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from herllm.evaluate.intrinsic import samples_to_batches
 from herllm.models.chat import encode_chat, has_chat_template
 
 INSTRUCTIONS = (
@@ -88,21 +89,4 @@ def base_answer_batches(
                 rows.append((prompt, answer))
     if was_training:
         model.train()
-    return _batches(rows, pad, batch_size)
-
-
-def _batches(rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int) -> list[dict]:
-    out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        width = max(len(p) + len(a) for p, a in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (p, a) in enumerate(chunk):  # right padding: positions match the unpadded pass
-            n = len(p) + len(a)
-            ids[r, :n] = torch.tensor(p + a)
-            labels[r, len(p) : n] = torch.tensor(a)
-            mask[r, :n] = 1
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
+    return samples_to_batches([p + a for p, a in rows], batch_size, pad, [len(p) for p, _ in rows])
