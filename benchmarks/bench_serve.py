@@ -1,5 +1,6 @@
 """`herllm serve` under load: time to first token and tokens/s with 1, 4 and 16 concurrent
-clients (streamed chat completions through the official openai client), learner idle.
+clients (streamed chat completions through the official openai client), with the learner idle
+and with it training.
 
 Starts the server in-process on a free localhost port over a new run of `--model` (knowledge
 store BM25-only, so retrieval costs what a store lookup costs), sends `--requests` streamed
@@ -9,8 +10,15 @@ tokens / time from first to last token), aggregate completion tokens per second 
 and failed requests. Generation runs one request at a time (see herllm.serve.generation), so
 time to first token grows with the queue.
 
+`--learner training` runs the same levels again with `herllm adapt --follow RUN` beside the
+server (a child process, as `herllm serve --learn` starts it, one thread), fed a backlog of
+`--backlog` settled exchanges so that it has work for the whole measurement; it holds its steps
+while a request is in flight, so it trains in the gaps between requests. Each level reports the
+learner's steps during it (from its checkpoints, written every `--learner-ckpt` steps).
+
 Usage:
-    OMP_NUM_THREADS=1 python benchmarks/bench_serve.py --model herllm-tiny --out /tmp/bench_serve.json
+    python benchmarks/bench_serve.py --model herllm-tiny --out /tmp/bench_serve.json
+    python benchmarks/bench_serve.py --model smollm2-135m --requests 4 --out /tmp/bench_serve_smollm2.json
 """
 
 from __future__ import annotations
@@ -40,9 +48,9 @@ QUESTIONS = ["What does the river carry?", "Who keeps the ledger?", "Where does 
              "What burns in the window?"]  # fmt: skip
 
 
-def start(model: str, root: Path, max_tokens: int):
+def start(model: str, root: Path, max_tokens: int, learner_ckpt: int):
     run = root / "run"
-    create_run(run, model, settle=10.0)
+    create_run(run, model, settle=10.0, extra=[f"checkpoint.every_steps={learner_ckpt}"])
     token = add_token(run / "tokens.json", "bench")
     deps = ServeDeps(versions=Versions(run), log=InteractionLog(run / LOG_FILE),
                      tokens=TokenFile.load(run / "tokens.json"), model_name=model,
@@ -59,7 +67,56 @@ def start(model: str, root: Path, max_tokens: int):
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}/v1", token
+    return server, f"http://127.0.0.1:{port}/v1", token, run, deps
+
+
+def add_backlog(run: Path, deps, n: int) -> None:
+    """`n` settled exchanges in the log (as the server writes them: the conversation rendered
+    the way the model saw it), so the learner has work for the whole measurement."""
+    from herllm.memory.knowledge import build_prompt
+    from herllm.serve.log import Exchange
+
+    tok = deps.versions.current()[1].tokenizer
+    topics = ["rivers", "ledgers", "lamps", "valleys", "rain", "bread", "salt", "wind"]
+    for i in range(n):
+        t = topics[i % len(topics)]
+        messages = [{"role": "user", "content": f"Tell me something about {t} (note {i})."}]
+        answer = (f"Note {i}: {t} are kept by the keeper of the valley, who writes each one in "
+                  f"the ledger by lamplight when the rain stops and the wind turns.")  # fmt: skip
+        deps.log.append(Exchange(f"chatcmpl-backlog{i:05d}", "chat", "bench", deps.model_name,
+                                 "base", messages, build_prompt([], messages, tok).text, answer,
+                                 "stop", 20, 40, created=time.time() - 3600))  # fmt: skip
+
+
+def learner_step(run: Path) -> int:
+    from herllm.atomic import list_checkpoints
+
+    steps = [s for s, _ in list_checkpoints(run / "checkpoints")]
+    return max(steps) if steps else 0
+
+
+def start_learner(run: Path, timeout: float = 900):
+    """`herllm adapt --follow RUN` on one thread, running once its first checkpoint is out."""
+    import os
+
+    from herllm.serve.learn import LearnerProcess
+
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        proc = LearnerProcess(run)
+    finally:
+        if old is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    deadline = time.monotonic() + timeout
+    while learner_step(run) == 0:
+        if not proc.alive() or time.monotonic() > deadline:
+            proc.stop(5)
+            raise SystemExit(f"the learner did not train; see {run / 'learner.log'}")
+        time.sleep(0.5)
+    return proc
 
 
 def one(client, model: str, max_tokens: int, q: str) -> dict:
@@ -115,29 +172,52 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=8, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--learner", nargs="+", choices=["idle", "training"],
+                    default=["idle", "training"], help="measure with the learner idle, training")  # fmt: skip
+    ap.add_argument("--backlog", type=int, default=400, help="settled exchanges for the learner")
+    ap.add_argument("--learner-ckpt", type=int, default=2, help="learner checkpoint every N steps")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     import torch
 
+    levels = []
     with tempfile.TemporaryDirectory() as tmp:
-        server, url, token = start(args.model, Path(tmp), args.max_tokens)
+        server, url, token, run, deps = start(args.model, Path(tmp), args.max_tokens,
+                                              args.learner_ckpt)  # fmt: skip
         warm = openai.OpenAI(base_url=url, api_key=token, max_retries=0)
         one(warm, args.model, 4, QUESTIONS[0])  # load and warm up
-        levels = []
-        for n in args.clients:
-            levels.append(level(url, token, args.model, n, max(1, args.requests * 4 // n) if n > 4
-                                else args.requests, args.max_tokens))  # fmt: skip
-            print(json.dumps(levels[-1]))
-        server.should_exit = True
+        learner = None
+        try:
+            for mode in args.learner:
+                if mode == "training":
+                    add_backlog(run, deps, args.backlog)
+                    learner = start_learner(run)
+                for n in args.clients:
+                    before = learner_step(run)
+                    lv = level(url, token, args.model, n, max(1, args.requests * 4 // n) if n > 4
+                               else args.requests, args.max_tokens)  # fmt: skip
+                    lv["learner"] = mode
+                    lv["learner_steps"] = learner_step(run) - before if learner else 0
+                    if learner is not None and not learner.alive():
+                        lv["failures"].append("the learner exited")
+                    levels.append(lv)
+                    print(json.dumps(lv))
+        finally:
+            if learner is not None:
+                learner.stop()
+            server.should_exit = True
     out = {"model": args.model, "max_tokens": args.max_tokens, "torch_threads": torch.get_num_threads(),
+           "learner_threads": 1, "learner_checkpoint_every": args.learner_ckpt,
            "machine": platform.processor() or platform.machine(), "levels": levels}  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(out, indent=1))
+    print("| learner | clients | requests | failed | TTFT p50 | TTFT p95 | decode p50 | aggregate "
+          "| learner steps |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for lv in levels:
-        print(f"{lv['clients']:>2} clients: {lv['requests']} requests, {lv['failed']} failed; "
-              f"TTFT p50 {lv['ttft_p50_s'] * 1000:.0f} ms, p95 {lv['ttft_p95_s'] * 1000:.0f} ms; "
-              f"decode p50 {lv['decode_tok_s_p50']:.0f} tok/s; aggregate "
-              f"{lv['aggregate_tok_s']:.0f} tok/s")  # fmt: skip
+        print(f"| {lv['learner']} | {lv['clients']} | {lv['requests']} | {lv['failed']} | "
+              f"{lv['ttft_p50_s'] * 1000:.0f} ms | {lv['ttft_p95_s'] * 1000:.0f} ms | "
+              f"{lv['decode_tok_s_p50']:.0f} tok/s | {lv['aggregate_tok_s']:.0f} tok/s | "
+              f"{lv['learner_steps']} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ stops on SIGTERM or Ctrl-C.
   rename) or give them `--set stream.follow_settle=S` seconds without change before they count.
 
 Other kinds of growing source register themselves with `register_followed_kind` (the server's
-interaction log does, in `herllm.serve.log_source`): a test on the path and a factory of a
-poll function that yields the new Documents.
+interaction log does, in `herllm.serve.log_source`): a test on the path, a factory of a
+poll function that yields the new Documents and, optionally, a factory of a `busy` check: while
+it says busy (the server has requests in flight, or had one a moment ago), the learner holds its
+next step, so on a small machine it trains only between requests.
 
 The order in which folder files were first seen is this source's state (`state_dict`): a resumed
 run reads them in that order again, so the cursor's document indices stay valid however the
@@ -40,15 +42,25 @@ from herllm.acquire.sources import (
 )
 
 Poll = Callable[[], Iterator[Document]]
-_KINDS: list[tuple[Callable[[Path], bool], Callable[[Path, FollowedSources], Poll]]] = []
+Busy = Callable[[], bool]
+_KINDS: list[
+    tuple[Callable[[Path], bool], Callable[[Path, FollowedSources], Poll], Callable[[Path], Busy]]
+] = []
+
+
+def _never_busy(_path: Path) -> Busy:
+    return lambda: False
 
 
 def register_followed_kind(
-    matches: Callable[[Path], bool], open_poll: Callable[[Path, FollowedSources], Poll]
+    matches: Callable[[Path], bool],
+    open_poll: Callable[[Path, FollowedSources], Poll],
+    busy: Callable[[Path], Busy] = _never_busy,
 ) -> None:
     """A kind of growing source: `matches(path)` says a source is one; `open_poll(path,
-    followed)` returns the function each look calls for its new Documents."""
-    _KINDS.append((matches, open_poll))
+    followed)` returns the function each look calls for its new Documents; `busy(path)` returns
+    a check the learner asks before each step (True: wait, the source's owner needs the CPU)."""
+    _KINDS.append((matches, open_poll, busy))
 
 
 class FollowedSources:
@@ -71,12 +83,18 @@ class FollowedSources:
             str, tuple[int, int]
         ] = {}  # growing file -> (bytes read, lines/records)
         self._polls: dict[str, Poll] = {}
+        self._busy: list[Busy] = []
         for src in sources:
             path = Path(src).expanduser()
-            for matches, open_poll in _KINDS:
+            for matches, open_poll, busy in _KINDS:
                 if matches(path):
                     self._polls[src] = open_poll(path, self)
+                    self._busy.append(busy(path))
                     break
+
+    def busy(self) -> bool:
+        """Whether a source's owner asks the learner to hold its next step (see module doc)."""
+        return any(check() for check in self._busy)
 
     def state_dict(self) -> dict:
         return {"seen": list(self.seen)}

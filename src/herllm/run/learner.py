@@ -101,6 +101,7 @@ class Learner:
                         self.idle()
                         continue
                     break  # the stream is exhausted (on N processes: every rank's shard)
+                self.wait_while_busy()  # a served log: train between requests only
                 replay = self.sample_replay()  # past experience from the buffer
                 general = self.sample_general()  # general text that protects general ability
                 if cfg.replay.mode == "replace":  # replayed rows take new windows' places
@@ -135,6 +136,17 @@ class Learner:
         deadline = time.monotonic() + self.cfg.stream.follow_poll
         while not self.stopping and time.monotonic() < deadline:
             time.sleep(min(0.05, self.cfg.stream.follow_poll))
+
+    def wait_while_busy(self) -> None:
+        """Hold the next step while a followed source's owner is busy (the server has requests
+        in flight); the seconds held are counted in `s.held_s`."""
+        follower = self.s.follower
+        if follower is None:
+            return
+        start = time.monotonic()
+        while not self.stopping and follower.busy():
+            time.sleep(0.01)
+        self.s.held_s += time.monotonic() - start
 
     def stop(self, *_signal) -> None:
         """Stop after the current step, with a checkpoint (SIGTERM / Ctrl-C under --follow)."""

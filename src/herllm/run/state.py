@@ -67,6 +67,8 @@ class RunState:
     """Rank 0's writer of read documents into the knowledge store (`knowledge.ingest`)."""
     waiting: bool = False
     """A followed stream had nothing new at the last read."""
+    held_s: float = 0.0
+    """Seconds the learner held a step while a followed source's owner was busy (this process)."""
     sharded: dict | None = None
     """With an FSDP-sharded base: its parameter count and this rank's share (`shard_model`)."""
     bank: ad.AdapterBank | None = None

@@ -13,6 +13,30 @@ from herllm.serve.auth import Principal
 from herllm.serve.errors import ApiError
 
 
+def forget_weights(deps, forgotten: list[str]) -> dict | None:
+    """Take forgotten facts out of the adapter where a consolidation absorbed them (a rollback
+    and a new consolidation of the rest, as a new version the server then swaps to). The
+    learner started by `serve --learn` is stopped for it (it would publish its own weights
+    next) and started again on the new version."""
+    from herllm.memory.knowledge.consolidate_run import forget_run
+    from herllm.serve.versions import LOAD_LOCK
+
+    if not any(deps.store.get(i).consolidated_into for i in forgotten):
+        return None
+    learner = deps.learner
+    if learner is not None:
+        learner.stop()
+    try:
+        with LOAD_LOCK:  # a model load beside the version watcher's must not overlap it
+            res, path = forget_run(deps.versions.run_dir, forgotten)
+    finally:
+        if learner is not None:
+            learner.restart()
+    deps.versions.refresh()
+    return {"rolled_back": res.rolled_back, "version": path.name if path else None,
+            "consolidated_again": [r.entry for r in res.redone if r.accepted]}  # fmt: skip
+
+
 def register(app: FastAPI, deps, admin) -> None:
     from herllm.serve.routes import parse
 
@@ -37,12 +61,13 @@ def register(app: FastAPI, deps, admin) -> None:
         if not isinstance(user, str) or not user:
             raise ApiError(400, 'give the user to forget: {"user": NAME}', param="user")
         rows = await run_in_threadpool(deps.log.forget_user, user)
-        facts = 0
+        forgotten = []
         if deps.store is not None:
             for item in deps.store.list(Scope("user", user)):
-                deps.store.forget(item.id, actor="admin")
-                facts += 1
-        return JSONResponse({"user": user, "exchanges_deleted": rows, "facts_forgotten": facts})
+                forgotten += deps.store.forget(item.id, actor="admin")
+        weights = await run_in_threadpool(forget_weights, deps, forgotten) if forgotten else None
+        return JSONResponse({"user": user, "exchanges_deleted": rows,
+                             "facts_forgotten": len(forgotten), "weights": weights})  # fmt: skip
 
     @app.get("/v1/admin/export")
     def export(_who: Annotated[Principal, Depends(admin)], user: str | None = None) -> Response:

@@ -56,6 +56,9 @@ class ServeDeps:
     metrics: Metrics = field(default_factory=Metrics)
     watch_poll: float | None = 0.5
     """Seconds between looks for a new adapter version (None: only when asked)."""
+    learner: object | None = None
+    """The `LearnerProcess` that `serve --learn` started (stopped while a forget rewrites the
+    adapter), or None."""
     on_shutdown: list = field(default_factory=list)
     """Called when the app stops (e.g. stopping the learner it started); uvicorn re-raises
     SIGTERM after its shutdown, so code after `uvicorn.run` would not run."""

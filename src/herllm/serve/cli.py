@@ -114,5 +114,5 @@ def build_deps(args):
         if not follows_log(run):
             raise UserError(f"--learn: {run} learns from other sources, not its interaction "
                             "log; serve a new directory to learn from the log")  # fmt: skip
-        learner = LearnerProcess(run)
+        learner = deps.learner = LearnerProcess(run)
     return deps, learner

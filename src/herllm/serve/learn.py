@@ -89,12 +89,22 @@ class LearnerProcess:
     """`herllm adapt --follow RUN_DIR` as a child process of the server."""
 
     def __init__(self, run_dir: Path, log_file: Path | None = None):
+        self.run_dir, self.log_file = run_dir, log_file or run_dir / "learner.log"
+        self.start()
+
+    def start(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        cmd = [sys.executable, "-m", "herllm.cli", "adapt", "--follow", str(run_dir), "--quiet"]
-        out = open(log_file or run_dir / "learner.log", "ab")  # noqa: SIM115 - the child's
+        cmd = [sys.executable, "-m", "herllm.cli", "adapt", "--follow", str(self.run_dir),
+               "--quiet"]  # fmt: skip
+        out = open(self.log_file, "ab")  # noqa: SIM115 - the child's
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                      preexec_fn=_term_with_parent)  # fmt: skip
         out.close()
+
+    def restart(self) -> None:
+        """Start it again after `stop` (it resumes from the newest checkpoint)."""
+        if self.proc.poll() is not None:
+            self.start()
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -199,15 +199,18 @@ class InFlight:
         os.replace(tmp, self.path)
 
 
-def server_busy(path: str | Path) -> bool:
-    """Whether a live server reports requests in flight (the learner's side of `InFlight`)."""
+def server_busy(path: str | Path, quiet: float = 0.0) -> bool:
+    """Whether a live server reports requests in flight, or had one less than `quiet` seconds
+    ago (the learner's side of `InFlight`: it waits for a pause in the traffic, not only for
+    the gap between two back-to-back requests)."""
     import os
 
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    if data.get("in_flight", 0) <= 0:
+    recent = quiet > 0 and time.time() - float(data.get("t", 0.0)) < quiet
+    if data.get("in_flight", 0) <= 0 and not recent:
         return False
     try:
         os.kill(int(data["pid"]), 0)

@@ -12,7 +12,9 @@ user has to give feedback that changes the target). Rows are taken in log order 
 decision for each is written back to the row the first time it is read (`learn`, `target`),
 so the documents and their ids are the same on every read: a resumed learner's cursor stays
 valid. While the server reports requests in flight (`serve-inflight.json`) the source waits,
-so on a small machine the learner reads, and so trains, only between requests.
+and the learner holds its next step (`FollowedSources.busy`) until the server has been idle
+for `QUIET_S`, so on a small machine the learner reads, scores and trains only in the pauses
+between requests.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from herllm.serve.log import LOG_FILE, connect, server_busy
 
 INFLIGHT_FILE = "serve-inflight.json"
 BUSY_POLL = 0.05
+QUIET_S = 0.5
+"""The learner starts a step only when no request has been in flight for this long: a client's
+next request usually follows its last within it, and a step started in that gap would share the
+cores with the request."""
 
 
 def is_interaction_log(path: Path) -> bool:
@@ -47,7 +53,7 @@ class LogSource:
 
     def wait_for_server(self) -> None:
         start = time.monotonic()
-        while server_busy(self.busy_file):
+        while server_busy(self.busy_file, QUIET_S):
             time.sleep(BUSY_POLL)
         self.waited += time.monotonic() - start
 
@@ -106,4 +112,10 @@ def _open_poll(path: Path, followed: FollowedSources):
     return LogSource(path, settle=followed.settle).poll
 
 
-register_followed_kind(is_interaction_log, _open_poll)
+def _busy(path: Path):
+    """The learner holds each step while the server has requests in flight."""
+    busy_file = path.parent / INFLIGHT_FILE
+    return lambda: server_busy(busy_file, QUIET_S)
+
+
+register_followed_kind(is_interaction_log, _open_poll, _busy)

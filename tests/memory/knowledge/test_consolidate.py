@@ -13,12 +13,15 @@ from herllm.memory.knowledge import KnowledgeStore, Scope
 from herllm.memory.knowledge.consolidate import (
     adapter_state,
     consolidate,
+    live_consolidations,
+    load_adapter_state,
     passage_prompts,
     render,
     rollback_consolidation,
     stable_items,
     topk_kl,
 )
+from herllm.memory.knowledge.forget import forget_from_weights
 from herllm.models.load import attach_lora, load_base
 
 FACT = (
@@ -96,3 +99,56 @@ def test_gate_rejects_a_consolidation_that_hurts_general_text(tiny, store, tmp_p
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert not (tmp_path / "ledger.jsonl").exists()
     assert store.get(items[0].id).consolidated_into is None
+
+
+OTHER = (
+    "The river Vell runs north from Lake Orrin to the Grey Sea. Ferrymen on the Vell wear "
+    "green caps, and the largest ferry is called the Patient Heron."
+)
+KW = dict(passes=2, lr=3e-3, tolerance=10.0)
+
+
+def test_rolling_back_an_entry_unmarks_the_later_ones_whose_weights_go_too(tiny, store, tmp_path):
+    model, tok = tiny
+    first = stable_items(store, Scope("run", "t"), min_retrievals=0)
+    second = [store.add(OTHER, scope=Scope("run", "t"), doc_id="vell")]
+    consolidate(model, tok, store, first, run_dir=tmp_path, **KW)
+    consolidate(model, tok, store, second, run_dir=tmp_path, **KW)
+    assert [r["entry"] for r in live_consolidations(tmp_path)] == ["cons-0001", "cons-0002"]
+    undone = rollback_consolidation(model, tmp_path, "cons-0001", store)
+    assert undone == [first[0].id, second[0].id]  # the weights went back past cons-0002 too
+    assert live_consolidations(tmp_path) == []
+    assert store.get(second[0].id).consolidated_into is None
+
+
+def test_forgetting_a_consolidated_item_takes_it_out_of_the_weights(tiny, store, tmp_path):
+    """Forgetting one of two consolidated items leaves exactly the adapter that consolidating
+    the other alone would have made (bit-exact), and a later entry's item stays untouched."""
+    model, tok = tiny
+    start = adapter_state(model)
+    fact = stable_items(store, Scope("run", "t"), min_retrievals=0)[0]
+    other = store.add(OTHER, scope=Scope("run", "t"), doc_id="vell")
+    ret = {"general": general_batches(tok)}
+    torch.manual_seed(1)
+    consolidate(model, tok, store, [fact, other], run_dir=tmp_path / "a", retention=ret, **KW)
+    ids = store.forget(fact.id)
+    torch.manual_seed(2)
+    out = forget_from_weights(model, tok, store, ids, run_dir=tmp_path / "a", retention=ret, **KW)
+    assert out.rolled_back == ["cons-0001"] and [r.entry for r in out.redone] == ["cons-0002"]
+    assert (
+        out.redone[0].items == [other.id] and store.get(other.id).consolidated_into == "cons-0002"
+    )
+    got = adapter_state(model)
+    load_adapter_state(model, start)
+    torch.manual_seed(2)
+    consolidate(
+        model, tok, None, [store.get(other.id)], run_dir=tmp_path / "b", retention=ret, **KW
+    )
+    want = adapter_state(model)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # forgetting an item no consolidation holds changes nothing
+    loose = store.add("Nothing here was consolidated.", scope=Scope("run", "t"))
+    assert not forget_from_weights(
+        model, tok, store, store.forget(loose.id), run_dir=tmp_path / "a"
+    ).changed
+    assert all(torch.equal(adapter_state(model)[k], want[k]) for k in want)

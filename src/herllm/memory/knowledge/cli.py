@@ -53,7 +53,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     )  # fmt: skip
     search.add_argument("--encoder", help="must be the store's encoder (default: the store's)")
     search.set_defaults(func=cmd_search)
-    forget = sub.add_parser("forget", parents=[common], help="erase an item (every version)")
+    forget = sub.add_parser(
+        "forget", parents=[common],
+        help="erase an item (every version); with --run, from the adapter where consolidated",
+    )  # fmt: skip
     forget.add_argument("item_id")
     forget.set_defaults(func=cmd_forget)
     history = sub.add_parser("history", parents=[common], help="the audit history")
@@ -186,10 +189,20 @@ def cmd_forget(args) -> int:
         if scope is not None and item.scope != scope:
             raise UserError(f"knowledge item {args.item_id} belongs to {item.scope}, not {scope}")
         ids = store.forget(args.item_id)
+    weights = None
+    if args.run:  # the run's adapter too, where a consolidation absorbed the item
+        from herllm.memory.knowledge.consolidate_run import forget_run
+
+        res, path = forget_run(args.run, ids)
+        weights = {"rolled_back": res.rolled_back, "checkpoint": str(path) if path else None,
+                   "redone": [r.entry for r in res.redone if r.accepted]}  # fmt: skip
     if args.json:
-        print(json.dumps({"forgotten": ids}))
-    else:
-        print(f"forgot {len(ids)} version(s): {', '.join(ids)}")
+        print(json.dumps({"forgotten": ids, "weights": weights}))
+        return 0
+    print(f"forgot {len(ids)} version(s): {', '.join(ids)}")
+    if weights and weights["rolled_back"]:
+        print(f"rolled back {', '.join(weights['rolled_back'])} and consolidated the other items "
+              f"again ({', '.join(weights['redone']) or 'none'}): checkpoint {weights['checkpoint']}")  # fmt: skip
     return 0
 
 

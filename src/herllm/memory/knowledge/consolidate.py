@@ -333,21 +333,49 @@ def _record(run: Path, before, after, result: ConsolidationResult, store, actor:
     return entry
 
 
+def _ledger_records(run: Path) -> list[dict]:
+    ledger = run / "ledger.jsonl"
+    if not ledger.is_file():
+        return []
+    return [json.loads(x) for x in ledger.read_text("utf-8").splitlines() if x]
+
+
+def live_consolidations(run_dir: str | Path) -> list[dict]:
+    """The consolidation records whose weights are still in the adapter (not rolled back), in
+    ledger order."""
+    live: dict[str, dict] = {}
+    for r in _ledger_records(Path(run_dir)):
+        if r.get("type") == "consolidation":
+            live[r["entry"]] = r
+        elif r.get("type") == "consolidation_rollback":
+            live.pop(r["entry"], None)
+    return list(live.values())
+
+
 def rollback_consolidation(model, run_dir: str | Path, entry: str, store=None) -> list[str]:
     """Restore the adapter weights saved before ``entry`` (bit-exact); un-mark its items.
-    Returns the items' ids. (Later consolidations are undone too: the weights go back.)"""
+    Later consolidations still in the adapter are undone too (the weights go back past them):
+    each gets its own rollback record and its items are un-marked. Returns the ids of every
+    un-marked item, ``entry``'s first."""
     run = Path(run_dir)
-    records = [json.loads(x) for x in (run / "ledger.jsonl").read_text("utf-8").splitlines() if x]
-    found = [r for r in records if r.get("type") == "consolidation" and r["entry"] == entry]
+    found = [r for r in _ledger_records(run) if r.get("type") == "consolidation"
+             and r["entry"] == entry]  # fmt: skip
     if not found:
         raise UserError(f"no consolidation {entry!r} in {run}/ledger.jsonl")
+    live = live_consolidations(run)
+    names = [r["entry"] for r in live]
+    undone = [found[0]] + (live[names.index(entry) + 1 :] if entry in names else [])
     load_adapter_state(model, load_file(str(run / found[0]["snapshot"] / "before.safetensors")))
     with open(run / "ledger.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"type": "consolidation_rollback", "entry": entry}) + "\n")
+        for r in undone:
+            fh.write(json.dumps({"type": "consolidation_rollback", "entry": r["entry"]}) + "\n")
+    items = [i for r in undone for i in r["items"]]
     if store is not None:
-        for item_id in found[0]["items"]:
-            store.set_consolidated(item_id, None, actor="rollback")
-    return found[0]["items"]
+        for r in undone:
+            for item_id in r["items"]:
+                if store.get(item_id).consolidated_into == r["entry"]:
+                    store.set_consolidated(item_id, None, actor="rollback")
+    return items
 
 
 def stable_items(store, scope, *, min_retrievals: int = 1) -> list[Item]:

@@ -112,3 +112,25 @@ def undo_run(run_dir: str | Path, entry: str) -> tuple[list[str], Path]:
     with KnowledgeStore(run / STORE_FILE, actor="rollback") as store:
         items = rollback_consolidation(model, run, entry, store)
     return items, _checkpoint(run, model)
+
+
+def forget_run(run_dir: str | Path, forgotten: list[str], **kwargs):
+    """After ``store.forget`` of ``forgotten`` in a run's store: take their influence out of the
+    run's adapter (`forget.forget_from_weights`), as a new checkpoint. Returns the
+    `ForgetResult` and the checkpoint (None when no consolidation had absorbed them). A learner
+    following the run must be stopped first: its next checkpoint would publish its own weights."""
+    from herllm.memory.knowledge.forget import forget_from_weights
+
+    run = Path(run_dir)
+    with KnowledgeStore(run / STORE_FILE, actor="forget") as store:
+        roots = {store.get(i).root_id for i in forgotten}
+        absorbed = any(it.consolidated_into for it in store.list(None, status=None)
+                       if it.root_id in roots)  # fmt: skip
+        if not absorbed:
+            from herllm.memory.knowledge.forget import ForgetResult
+
+            return ForgetResult([], []), None
+        model, tokenizer = _load(run)
+        result = forget_from_weights(model, tokenizer, store, forgotten, run_dir=run,
+                                     retention={"general": general_batches(tokenizer)}, **kwargs)  # fmt: skip
+    return result, _checkpoint(run, model)
