@@ -8,7 +8,7 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-smollm2 test test-fast demo lint format bench bench-quick bench-split bench-smollm2 bench-step bench-step-smollm2 bench-buffer bench-shift bench-routing bench-short-routing clean
+.PHONY: install install-smollm2 test test-fast demo lint format bench bench-quick bench-split bench-smollm2 bench-step bench-step-smollm2 bench-buffer bench-shift bench-routing bench-short-routing bench-serve bench-serve-smollm2 bench-serve-durability bench-chat-learning clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,27 @@ bench-routing: install
 
 bench-short-routing: install
 	$(BIN)/python benchmarks/bench_short_routing.py --out results/bench_short_routing.json
+
+# herllm serve under 1, 4 and 16 concurrent clients, learner idle and training (#17)
+bench-serve: install
+	@mkdir -p results
+	$(BIN)/python benchmarks/bench_serve.py --model herllm-tiny --requests 8 --out results/bench_serve.json
+
+bench-serve-smollm2: install
+	@mkdir -p results
+	$(BIN)/python benchmarks/bench_serve.py --model smollm2-135m --requests 4 --out results/bench_serve_smollm2.json
+
+# kill -9 of the server and of the learner at 20 random points under load (about 4 minutes)
+bench-serve-durability: install
+	@mkdir -p results
+	$(BIN)/python benchmarks/bench_serve_durability.py --model herllm-tiny --kills 20 --seed 0 \
+		--out results/bench_serve_durability.json
+
+# facts told in chat, probes asked in new conversations: store, then weights alone (SmolLM2, ~25 min)
+bench-chat-learning: install
+	@mkdir -p results
+	$(BIN)/python benchmarks/bench_chat_learning.py --docs 4 --tolerance 0.03 \
+		--out results/bench_chat_learning.json
 
 bench-buffer: install
 	$(BIN)/python benchmarks/bench_buffer.py --out results/bench_buffer.json

@@ -155,3 +155,17 @@ def test_admin_routes_need_an_admin_token(live, client):
     assert [json.loads(x)["user"] for x in export.splitlines()] == ["alice"]
     out = root.post("/admin/forget", cast_to=object, body={"user": "alice"})
     assert out["exchanges_deleted"] == 1 and live.deps.log.rows() == []
+
+
+def test_a_long_statement_is_stored_as_passages_not_dropped(live, client):
+    from herllm.memory.knowledge import Scope
+
+    sentences = [f"The keeper of lamp {i} on the northern cliff of Vell lights it at dusk."
+                 for i in range(32)]  # fmt: skip
+    text = " ".join(sentences)
+    assert len(text) > 2000
+    client.chat.completions.create(model="herllm-tiny", max_tokens=2,
+                                   messages=[{"role": "user", "content": text}])  # fmt: skip
+    items = live.deps.store.list(Scope("user", "alice"))
+    assert len(items) > 1 and all(it.source == "chat" for it in items)
+    assert " ".join(it.text for it in items).split() == text.split()  # every word, once

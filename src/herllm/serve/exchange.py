@@ -61,8 +61,17 @@ class Prepared:
 
 def is_statement(text: str) -> bool:
     text = text.strip()
-    return (not text.endswith("?") and len(text.split()) >= FACT_MIN_WORDS
-            and len(text) <= FACT_MAX_CHARS)  # fmt: skip
+    return not text.endswith("?") and len(text.split()) >= FACT_MIN_WORDS
+
+
+def remember(store, text: str, p: Prepared) -> None:
+    """A user's statement into their scope: one item, or, over `FACT_MAX_CHARS`, its passages
+    (the store's splitter, offsets kept), so a long message is kept whole, not dropped."""
+    scope = Scope("user", p.user)
+    if len(text) <= FACT_MAX_CHARS:
+        store.add(text, scope=scope, doc_id=p.id, source="chat", actor=p.user)
+    else:
+        store.ingest_document(text, p.id, scope, "chat", actor=p.user)
 
 
 def prepare(deps, user: str, req, kind: str) -> Prepared:
@@ -132,6 +141,5 @@ def run(deps, p: Prepared, req) -> Iterator[str]:
     if p.kind == "chat" and deps.store is not None:
         last = p.messages[-1]
         if last["role"] == "user" and is_statement(last["content"]):
-            deps.store.add(last["content"], scope=Scope("user", p.user), doc_id=p.id,
-                           source="chat", actor=p.user)  # fmt: skip
+            remember(deps.store, last["content"], p)
     return out

@@ -35,7 +35,7 @@ def load_version(run_dir: Path, step: int | None):
 
     with LOAD_LOCK:
         if step is not None:
-            return AdaptedModel.from_run(run_dir, step)
+            return AdaptedModel.from_run(run_dir, step, knowledge=False)  # the server has its own
         cfg = build_config(str(run_dir / "config.yaml"), [])
         base, tokenizer = load_base(cfg.model)
         return AdaptedModel(attach_lora(base, cfg.lora), tokenizer, None)

@@ -45,7 +45,7 @@ def general_batches(tokenizer, windows: int = 8, seq_len: int = 128) -> list[dic
 def _load(run: Path):
     from herllm.infer.adapted import AdaptedModel
 
-    adapted = AdaptedModel.from_run(run)
+    adapted = AdaptedModel.from_run(run, knowledge=False)  # the store is opened by the caller
     if adapted.bank is not None:
         raise UserError(
             f"{run} grows a bank of routed adapters; consolidation into one of them is not "
