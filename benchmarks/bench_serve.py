@@ -33,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import openai
-import uvicorn
 
 from herllm.memory.knowledge import KnowledgeStore
-from herllm.serve.app import ServeDeps, create_app
+from herllm.serve.app import ServeDeps, serve_in_thread
 from herllm.serve.auth import TokenFile, add_token
 from herllm.serve.exchange import Limits
 from herllm.serve.learn import create_run
@@ -57,17 +56,8 @@ def start(model: str, root: Path, max_tokens: int, learner_ckpt: int):
                      store=KnowledgeStore(run / "knowledge.sqlite", None),
                      in_flight=InFlight(run / INFLIGHT_FILE),
                      limits=Limits(max_tokens=max_tokens, default_max_tokens=max_tokens))  # fmt: skip
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(deps), host="127.0.0.1", port=port,
-                                           log_level="warning"))  # fmt: skip
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}/v1", token, run, deps
+    server, url = serve_in_thread(deps)
+    return server, url + "/v1", token, run, deps
 
 
 def add_backlog(run: Path, deps, n: int) -> None:

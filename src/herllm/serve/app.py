@@ -154,3 +154,27 @@ def create_app(deps: ServeDeps) -> FastAPI:
 
 def page_path() -> Path:
     return Path(str(importlib.resources.files("herllm.serve").joinpath("page.html")))
+
+
+def serve_in_thread(deps: ServeDeps, host: str = "127.0.0.1", timeout: float = 120.0):
+    """`create_app(deps)` on uvicorn in a daemon thread on a free port of `host` (benchmarks and
+    scripts): returns the `uvicorn.Server` (set `should_exit` to stop it) and the base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(deps), host=host, port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server on {host}:{port} did not start")
+        time.sleep(0.05)
+    return server, f"http://{host}:{port}"

@@ -51,6 +51,7 @@ class Versions:
         self.loader = loader
         self._lock = threading.Lock()  # one load at a time; `current` never waits on it
         self._serving: tuple[str, object] | None = None
+        self._ident: tuple[int, int] | None = None
         self.swaps = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -81,24 +82,53 @@ class Versions:
             serving = self._serving
         return serving
 
+    def _identity(self, name: str) -> tuple[int, int] | None:
+        """The checkpoint folder's inode and change time: a learner that resumes from an
+        earlier checkpoint deletes the versions after it and may publish a folder of the same
+        name with other weights, which must be loaded anew."""
+        if name == BASE_VERSION:
+            return None
+        try:
+            st = (self.run_dir / "checkpoints" / name).stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_ctime_ns
+
     def refresh(self) -> bool:
-        """Load the wanted version if it is not the one serving; True when it swapped."""
+        """Load the wanted version if it is not the one serving (by name and by folder); True
+        when it swapped. At start, a version that cannot be loaded (being pruned or replaced
+        by the learner right now) gives way to the next older one."""
         with self._lock:
             name = self.wanted()
-            if self._serving is not None and self._serving[0] == name:
+            ident = self._identity(name)
+            if self._serving is not None and self._serving[0] == name and self._ident == ident:
                 return False
-            step = None if name == BASE_VERSION else int(name.removeprefix(atomic.PREFIX))
-            try:
-                model = self.loader(self.run_dir, step)
-            except Exception as exc:  # e.g. pruned by the learner while it was being read
-                if self._serving is None:
-                    raise
-                log.warning("version %s could not be loaded (%s); still serving %s", name, exc,
-                            self._serving[0])  # fmt: skip
-                return False
-            self._serving = (name, model)  # one assignment: a request sees old or new, whole
+            candidates = [name]
+            if self._serving is None:
+                older = [v for v in self.available() if v != name]
+                candidates += older[::-1]
+            for i, cand in enumerate(candidates):
+                step = None if cand == BASE_VERSION else int(cand.removeprefix(atomic.PREFIX))
+                ident = self._identity(cand)
+                try:
+                    model = self.loader(self.run_dir, step)
+                    break
+                except Exception as exc:  # e.g. pruned by the learner while it was being read
+                    if self._serving is None and i + 1 < len(candidates):
+                        log.warning("version %s could not be loaded (%s); trying %s", cand,
+                                    exc, candidates[i + 1])  # fmt: skip
+                        continue
+                    if self._serving is None:
+                        raise
+                    log.warning("version %s could not be loaded (%s); still serving %s", cand,
+                                exc, self._serving[0])  # fmt: skip
+                    return False
+            if self._serving is not None and self._serving[0] == cand:
+                log.warning("version %s was replaced on disk (a learner resumed from an earlier "
+                            "checkpoint); serving the new one", cand)  # fmt: skip
+            self._serving, self._ident = (cand, model), ident  # a request sees old or new, whole
             self.swaps += 1
-            log.info("serving adapter version %s", name)
+            log.info("serving adapter version %s", cand)
             return True
 
     def pin(self, version: str) -> str:
