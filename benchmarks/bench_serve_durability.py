@@ -67,7 +67,7 @@ from herllm.acquire.chunks import tokenize_document
 from herllm.atomic import checkpoint_name, list_checkpoints
 from herllm.config import build_config
 from herllm.serve.auth import add_token
-from herllm.serve.learn import create_run
+from herllm.serve.learn import create_run, terminate
 from herllm.serve.log import LOG_FILE
 from herllm.serve.log_source import LogSource
 
@@ -120,14 +120,7 @@ class Child:
     def term(self, timeout: float = 120.0) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, timeout)
 
     def tail(self, n: int = 3000) -> str:
         try:

@@ -111,11 +111,17 @@ class LearnerProcess:
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM (the learner checkpoints, then exits); SIGKILL after `timeout`."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, timeout)
+
+
+def terminate(proc: subprocess.Popen, timeout: float) -> int | None:
+    """SIGTERM a child (a learner checkpoints, a server shuts down), SIGKILL after `timeout`;
+    its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
