@@ -19,9 +19,10 @@ def forget_weights(deps, forgotten: list[str]) -> dict | None:
     learner started by `serve --learn` is stopped for it (it would publish its own weights
     next) and started again on the new version."""
     from herllm.memory.knowledge.consolidate_run import forget_run
+    from herllm.memory.knowledge.forget import absorbed_into
     from herllm.serve.versions import LOAD_LOCK
 
-    if not any(deps.store.get(i).consolidated_into for i in forgotten):
+    if not absorbed_into(deps.store, forgotten):
         return None
     learner = deps.learner
     if learner is not None:
@@ -61,13 +62,11 @@ def register(app: FastAPI, deps, admin) -> None:
         if not isinstance(user, str) or not user:
             raise ApiError(400, 'give the user to forget: {"user": NAME}', param="user")
         rows = await run_in_threadpool(deps.log.forget_user, user)
-        forgotten = []
-        if deps.store is not None:
-            for item in deps.store.list(Scope("user", user)):
-                forgotten += deps.store.forget(item.id, actor="admin")
+        items = deps.store.list(Scope("user", user)) if deps.store is not None else []
+        forgotten = [v for item in items for v in deps.store.forget(item.id, actor="admin")]
         weights = await run_in_threadpool(forget_weights, deps, forgotten) if forgotten else None
         return JSONResponse({"user": user, "exchanges_deleted": rows,
-                             "facts_forgotten": len(forgotten), "weights": weights})  # fmt: skip
+                             "facts_forgotten": len(items), "weights": weights})  # fmt: skip
 
     @app.get("/v1/admin/export")
     def export(_who: Annotated[Principal, Depends(admin)], user: str | None = None) -> Response:

@@ -119,16 +119,11 @@ def forget_run(run_dir: str | Path, forgotten: list[str], **kwargs):
     run's adapter (`forget.forget_from_weights`), as a new checkpoint. Returns the
     `ForgetResult` and the checkpoint (None when no consolidation had absorbed them). A learner
     following the run must be stopped first: its next checkpoint would publish its own weights."""
-    from herllm.memory.knowledge.forget import forget_from_weights
+    from herllm.memory.knowledge.forget import ForgetResult, absorbed_into, forget_from_weights
 
     run = Path(run_dir)
     with KnowledgeStore(run / STORE_FILE, actor="forget") as store:
-        roots = {store.get(i).root_id for i in forgotten}
-        absorbed = any(it.consolidated_into for it in store.list(None, status=None)
-                       if it.root_id in roots)  # fmt: skip
-        if not absorbed:
-            from herllm.memory.knowledge.forget import ForgetResult
-
+        if not absorbed_into(store, forgotten):
             return ForgetResult([], []), None
         model, tokenizer = _load(run)
         result = forget_from_weights(model, tokenizer, store, forgotten, run_dir=run,

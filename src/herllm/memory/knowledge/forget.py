@@ -36,13 +36,19 @@ class ForgetResult:
         return bool(self.rolled_back)
 
 
+def absorbed_into(store, forgotten: Sequence[str]) -> set[str]:
+    """The consolidation entries that absorbed any version of the ``forgotten`` items."""
+    roots = {store.get(i).root_id for i in forgotten}
+    return {it.consolidated_into for it in store.list(None, status=None)
+            if it.root_id in roots and it.consolidated_into}  # fmt: skip
+
+
 def forget_from_weights(model, tokenizer, store, forgotten: Sequence[str], *, run_dir,
                         retention=None, **kwargs) -> ForgetResult:  # fmt: skip
     """Remove the ``forgotten`` items' influence from ``model``'s adapter (module doc); call it
     after ``store.forget``. Nothing changes when no live consolidation absorbed them."""
     roots = {store.get(i).root_id for i in forgotten}
-    hit = {it.consolidated_into for it in store.list(None, status=None)
-           if it.root_id in roots and it.consolidated_into}  # fmt: skip
+    hit = absorbed_into(store, forgotten)
     live = [r["entry"] for r in live_consolidations(run_dir)]
     first = next((e for e in live if e in hit), None)
     if first is None:
