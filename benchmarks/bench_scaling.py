@@ -8,6 +8,11 @@ base parameters each rank holds and (ZeRO) the trainable parameters whose optimi
 what the multi-process machinery costs, not a speed-up.
 
     python benchmarks/bench_scaling.py --out results/bench_scaling.json
+    python benchmarks/bench_scaling.py --model smollm2-135m --tokens-per-domain 6000 \
+        --set shift.warmup=16 --set shift.cooldown=24 --runs one,ddp,fsdp --out ...
+
+`--model` takes any model herllm loads (a registry name, a folder, a hub id); `--set` passes
+config overrides to every run (a short stream needs a shorter shift warm-up to see its shift).
 """
 
 from __future__ import annotations
@@ -36,10 +41,13 @@ def main() -> None:
     ap.add_argument("--domains", default="sotu,pycode")
     ap.add_argument("--tokens-per-domain", type=int, default=24_000)
     ap.add_argument("--batch", type=int, default=8, help="global batch (split over processes)")
+    ap.add_argument("--model", default="herllm-tiny")
+    ap.add_argument("--set", action="append", default=[], help="config override for every run")
+    ap.add_argument("--runs", default="one,ddp,fsdp,zero2", help="which configurations to run")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="herllm-scaling-"))
-    _, tok = load_base(build_config(None, []).model)
+    _, tok = load_base(build_config(None, [f"model.name_or_path={args.model}"]).model)
     files, held = [], []
     for d in args.domains.split(","):
         docs, _ = cut_to_budget(load_documents(d, "train"), tok, args.tokens_per_domain)
@@ -47,22 +55,27 @@ def main() -> None:
         files[-1].write_text("\n\x1e\n".join(docs), encoding="utf-8")
         held.append(load_documents(d, "test")[:40])
     (tmp / "heldout.txt").write_text("\n\x1e\n".join(sum(held, [])), encoding="utf-8")
+    sets = [x for o in args.set for x in ("--set", o)]
     common = ["-m", "herllm.cli", "adapt", "--quiet", *map(str, files), "--strategy", "her",
+              "--model", args.model, *sets,
               "--set", f"eval.files=[{tmp / 'heldout.txt'}]", "--set", "eval.max_windows=32",
               "--set", "checkpoint.every_steps=1000000", "--set", "eval.every_steps=1000000"]  # fmt: skip
     one = [sys.executable, *common, "--batch-size", str(args.batch)]
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *common, "--batch-size", str(args.batch // 2),
            "--set", f"select.score_batch_size={16 // 2}"]  # fmt: skip
+    one_thread = {"OMP_NUM_THREADS": "1"}
     configs = {
-        "1 process, 2 threads": (one, {"OMP_NUM_THREADS": "2"}),
-        "2 processes, DDP": (two, {"OMP_NUM_THREADS": "1"}),
-        "2 processes, FSDP": (two + ["--set", "train.fsdp=true"], {"OMP_NUM_THREADS": "1"}),
-        "2 processes, ZeRO-2": (two + ["--set", "train.deepspeed=2"], {"OMP_NUM_THREADS": "1"}),
+        "one": ("1 process, 2 threads", one, {"OMP_NUM_THREADS": "2"}),
+        "ddp": ("2 processes, DDP", two, one_thread),
+        "fsdp": ("2 processes, FSDP", two + ["--set", "train.fsdp=true"], one_thread),
+        "zero2": ("2 processes, ZeRO-2", two + ["--set", "train.deepspeed=2"], one_thread),
     }
     results = {"machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-               "domains": args.domains, "tokens_per_domain": args.tokens_per_domain, "runs": {}}  # fmt: skip
-    for name, (argv, extra) in configs.items():
+               "model": args.model, "overrides": args.set, "domains": args.domains,
+               "tokens_per_domain": args.tokens_per_domain, "runs": {}}  # fmt: skip
+    for key in args.runs.split(","):
+        name, argv, extra = configs[key]
         run = tmp / name.replace(" ", "_").replace(",", "")
         t0 = time.perf_counter()
         subprocess.run([*argv, "--run-dir", str(run)], env={**os.environ, **extra}, check=True)
@@ -82,6 +95,7 @@ def main() -> None:
                 (run / "metrics.jsonl").read_text().splitlines()[-1]  # evaluated after the save
             )["eval_nll"]["heldout.txt"],
             "shifts": c["shifts"],
+            "adapters": len(state["bank"]["adapters"]) if state.get("bank") else 1,
             "base_params_per_rank": [s["local_params"] for s in shares if s] or None,
             "optimizer_state_params_per_rank": [z["local_params"] for z in zero if z] or None,
         }

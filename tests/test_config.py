@@ -150,3 +150,16 @@ def test_cli_bad_lr_is_exit_2_and_one_line(capsys):
     err = capsys.readouterr().err
     assert err.strip() == "herllm: error: train.lr=-1.0 must be > 0"
     assert "Traceback" not in err
+
+
+def test_a_fractional_share_of_a_batch_is_kept_on_average_not_rounded_away():
+    from herllm.config.sections import rows_at
+
+    assert [rows_at(0.125, 4, t) for t in range(6)] == [0, 1, 0, 1, 0, 1]  # was 0 at every step
+    assert [rows_at(0.25, 8, t) for t in range(4)] == [2, 2, 2, 2]  # whole rows: unchanged
+    assert sum(rows_at(0.3, 10, t) for t in range(100)) == 300
+    cfg = build_config(
+        None, ["train.batch_size=4", "replay.ratio=0.125", "replay.general_ratio=0.125"]
+    )
+    assert cfg.replay_per_batch == cfg.general_per_batch == 1
+    assert sum(cfg.replay_rows(t) for t in range(40)) == 20

@@ -64,22 +64,35 @@ def test_every_strategy_runs_and_detects_the_shift(strategy, two_regions, tiny_m
 
 
 def test_resume_with_protection_state_is_exact(two_regions, tiny_model_dir, tmp_path):
+    """`her` with self-rehearsal on (the tiny model has no chat template, so `always`): the
+    resumed run replays the answers the first start generated and ends bit-for-bit the same."""
+    asks = tmp_path / "asks.txt"
+    asks.write_text("Say hi.\nName a river.\nWhat is a lamp?\n")
+    rehearse = ["replay.rehearsal=always", f"replay.rehearsal_prompts={asks}",
+                "replay.rehearsal_tokens=8", "replay.rehearsal_share=0.5"]  # fmt: skip
     with Learner(
-        make_cfg(two_regions, tiny_model_dir, tmp_path / "ref", "her"), show_progress=False
+        make_cfg(two_regions, tiny_model_dir, tmp_path / "ref", "her", *rehearse),
+        show_progress=False,
     ) as ref:
         ref.run()
         expected = adapter_state(ref.s.model)
+        assert len(ref.s.general.rehearsal) == 3
     stop = tmp_path / "stopped"
     with Learner(
-        make_cfg(two_regions, tiny_model_dir, stop, "her", "train.max_steps=75"),
+        make_cfg(two_regions, tiny_model_dir, stop, "her", "train.max_steps=75", *rehearse),
         show_progress=False,
     ) as a:
         first = a.run()
+    assert (stop / "rehearsal.json").read_text() == (
+        tmp_path / "ref" / "rehearsal.json"
+    ).read_text()
     assert (
         first.shifts == 1
     )  # the stop comes after the shift: detector, ledger and penalties resume
     with Learner(
-        make_cfg(two_regions, tiny_model_dir, stop, "her"), resume=True, show_progress=False
+        make_cfg(two_regions, tiny_model_dir, stop, "her", *rehearse),
+        resume=True,
+        show_progress=False,
     ) as b:
         second = b.run()
         got = adapter_state(b.s.model)

@@ -91,10 +91,12 @@ register_strategy(
     "ones; all adapters add up at inference",
     (*_PLAIN, *_SHIFT, "expand.grow=true", "expand.compose=sum"),
 )
-register_strategy("her", "uncertainty selection + priority replay + general replay + shift-triggered "
-                  "MAS + a warm-started adapter per new region, routed without task ids",
+register_strategy("her", "uncertainty selection + priority replay + general replay (self-rehearsal on "
+                  "chat models) + shift-triggered MAS + a warm-started adapter per new region, "
+                  "routed without task ids",
                   ("select.policy=uncertain", "select.fraction=0.75", "replay.policy=priority",
-                   "replay.ratio=0.125", "replay.general_ratio=0.125", "protect.regularizers=[mas]",
+                   "replay.ratio=0.125", "replay.general_ratio=0.125", "replay.rehearsal=chat",
+                   "protect.regularizers=[mas]",
                    *_SHIFT, "expand.grow=true", "expand.init=current", "expand.orth_ratio=0"))  # fmt: skip
 
 

@@ -8,6 +8,7 @@ that span fields.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -123,6 +124,18 @@ class ReplayConfig:
     """General text files or folders; empty = the bundled general corpus."""
     general_windows: Annotated[int, Range(ge=1)] = 2000
     """General windows kept in memory to sample from."""
+    rehearsal: Literal["never", "chat", "always"] = "never"
+    """Self-rehearsal: the base model answers general instructions once at the start and its own
+    answers are replayed as part of the general rows (loss on the answers only), so an
+    instruction-tuned model keeps answering as it did. `chat`: only for a model with a chat
+    template; `always`: also without one (plain `Question:/Answer:` prompts). Needs
+    general_ratio > 0."""
+    rehearsal_share: Annotated[float, Range(gt=0, le=1)] = 0.5
+    """Share of the general rows drawn from the rehearsal answers (the rest is general text)."""
+    rehearsal_prompts: str = ""
+    """Text file of instructions to rehearse, one per line; empty = the bundled 48."""
+    rehearsal_tokens: Annotated[int, Range(ge=1)] = 64
+    """Longest answer the base model gives to each rehearsal instruction (greedy)."""
 
 
 @dataclass
@@ -335,6 +348,11 @@ class RunConfig:
                 f"replay.ratio={self.replay.ratio} + replay.general_ratio={self.replay.general_ratio} "
                 f"leave no new experiences in a batch of {self.train.batch_size}; lower them"
             )
+        if self.replay.rehearsal != "never" and self.replay.general_ratio <= 0:
+            raise ConfigError(
+                f"replay.rehearsal={self.replay.rehearsal} replays through the general rows, but "
+                "replay.general_ratio=0; set replay.general_ratio > 0 or replay.rehearsal=never"
+            )
         if self.expand.grow and not self.shift.detect:
             raise ConfigError(
                 "expand.grow=true grows adapters at detected shifts; set shift.detect=true"
@@ -366,10 +384,26 @@ class RunConfig:
 
     @property
     def general_per_batch(self) -> int:
-        """General-text rows in each training batch."""
-        return int(round(self.replay.general_ratio * self.train.batch_size))
+        """The most general-text rows a training batch holds (see `general_rows`)."""
+        return math.ceil(round(self.replay.general_ratio * self.train.batch_size, 9))
 
     @property
     def replay_per_batch(self) -> int:
-        """Replay rows in each training batch."""
-        return int(round(self.replay.ratio * self.train.batch_size))
+        """The most replay rows a training batch holds (see `replay_rows`)."""
+        return math.ceil(round(self.replay.ratio * self.train.batch_size, 9))
+
+    def general_rows(self, step: int) -> int:
+        """General-text rows in the batch of optimizer step `step` (0-based)."""
+        return rows_at(self.replay.general_ratio, self.train.batch_size, step)
+
+    def replay_rows(self, step: int) -> int:
+        """Replay rows in the batch of optimizer step `step` (0-based)."""
+        return rows_at(self.replay.ratio, self.train.batch_size, step)
+
+
+def rows_at(ratio: float, batch_size: int, step: int) -> int:
+    """Rows of a `ratio` share of a batch at step `step`: the share is kept on average over steps
+    instead of rounded (12.5% of a batch of 4 is one row every other step, not none); a whole
+    number of rows per batch gives that number at every step."""
+    per = round(ratio * batch_size, 9)
+    return math.floor((step + 1) * per) - math.floor(step * per)

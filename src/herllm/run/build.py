@@ -19,6 +19,7 @@ from herllm.acquire.follow import FollowedSources
 from herllm.acquire.sources import SourceStats, read_documents
 from herllm.config import RunConfig, save_yaml
 from herllm.errors import UserError
+from herllm.memory import rehearsal
 from herllm.memory.general import GeneralSampler
 from herllm.memory.knowledge.ingest import build_ingest
 from herllm.memory.ledger import Ledger
@@ -69,6 +70,7 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
     # refuses a launcher/Accelerate world-size mismatch, and the engines herllm cannot run under
     ranks = Ranks(accelerator, cfg.train)
     base, tokenizer = load_base(cfg.model)
+    rehearsal = build_rehearsal(cfg, run_dir, base, tokenizer, accelerator.is_main_process)
     model = attach_lora(base, cfg.lora)
     sharded = None
     if ranks.sharded:  # FSDP2 over the frozen base; the adapters stay whole (see shard_model)
@@ -90,7 +92,8 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
     general = None
     if cfg.replay.general_ratio > 0:
         general = GeneralSampler(tokenizer, cfg.stream.seq_len, cfg.replay.general_sources,
-                                 cfg.replay.general_windows, cfg.train.seed)  # fmt: skip
+                                 cfg.replay.general_windows, cfg.train.seed, rehearsal,
+                                 cfg.replay.rehearsal_share)  # fmt: skip
     bank = orth = None
     if ex.grow:
         bank = ad.AdapterBank(ADAPTER_NAME, ex.compose, ex.reuse_radius, ex.fallback_radius, ex.max_adapters,
@@ -141,6 +144,19 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
     )
     register_components(s)
     return s
+
+
+def build_rehearsal(cfg: RunConfig, run_dir: Path, base, tokenizer, main: bool) -> list[Experience]:
+    """The base model's own answers to the rehearsal instructions as windows (`memory.rehearsal`),
+    or [] when rehearsal is off, `chat` and the model has no chat template, or the batch has no
+    general row."""
+    rp = cfg.replay
+    if cfg.general_per_batch == 0 or not rehearsal.active(rp.rehearsal, tokenizer):
+        return []
+    pairs = rehearsal.rehearsal_pairs(run_dir, base, tokenizer, rehearsal.read_instructions(
+        rp.rehearsal_prompts), rp.rehearsal_tokens, cfg.stream.seq_len, write=main)  # fmt: skip
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return rehearsal.rehearsal_windows(pairs, cfg.stream.seq_len, pad)
 
 
 def register_components(s: RunState) -> None:

@@ -173,7 +173,7 @@ class Learner:
         s = self.s
         want = self.cfg.train.batch_size
         if self.cfg.replay.mode == "add":
-            want -= self.cfg.replay_per_batch + self.cfg.general_per_batch
+            want -= self.cfg.replay_rows(s.step) + self.cfg.general_rows(s.step)
         s.waiting = False
         while s.ranks.any_true(len(s.pending) < want and not s.stream_done and not s.waiting):
             windows, scores, mine = self.read_and_score(want)
@@ -255,10 +255,10 @@ class Learner:
         self.s.buffer.add(items, np.nan_to_num(nll, nan=0.0).tolist(), step=step)
 
     def sample_replay(self) -> list:
-        return self.s.ranks.sample_replay(self.s.buffer, self.cfg.replay_per_batch)
+        return self.s.ranks.sample_replay(self.s.buffer, self.cfg.replay_rows(self.s.step))
 
     def sample_general(self) -> list[Experience]:
-        return self.s.ranks.sample_general(self.s.general, self.cfg.general_per_batch)
+        return self.s.ranks.sample_general(self.s.general, self.cfg.general_rows(self.s.step))
 
     def update(self, new: list[Experience], replay: list, general: list[Experience]) -> float:
         """One optimizer step on new + replay + general experiences; non-finite losses are skipped.
