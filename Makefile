@@ -78,7 +78,7 @@ SPLIT_ROWS := base,joint,hf-peft,naive,replay,replay:replay.mode=replace,ewc,lwf
 # the real model: 4 domains x 8,000 tokens, 3 orders (hours on a 2-core CPU: run it in the background)
 bench-smollm2: install
 	$(BIN)/herllm bench --model smollm2-135m --domains sotu,pycode,austen,kjv \
-		--strategies base,joint,naive,replay,her --orders 3 --tokens-per-domain 8000 \
+		--strategies base,joint,naive,replay,her --orders 3 --tokens-per-domain 8000 --intrinsic false \
 		--evals-per-domain 1 --eval-windows 8 --probe-items 0 --out results/bench-smollm2
 
 bench-shift: install

@@ -69,14 +69,15 @@ def test_resume_with_protection_state_is_exact(two_regions, tiny_model_dir, tmp_
     asks = tmp_path / "asks.txt"
     asks.write_text("Say hi.\nName a river.\nWhat is a lamp?\n")
     rehearse = ["replay.rehearsal=always", f"replay.rehearsal_prompts={asks}",
-                "replay.rehearsal_tokens=8", "replay.rehearsal_share=0.5"]  # fmt: skip
+                "replay.rehearsal_tokens=8", "replay.rehearsal_ratio=0.25"]  # fmt: skip
     with Learner(
         make_cfg(two_regions, tiny_model_dir, tmp_path / "ref", "her", *rehearse),
         show_progress=False,
     ) as ref:
         ref.run()
         expected = adapter_state(ref.s.model)
-        assert len(ref.s.general.rehearsal) == 3
+        assert len(ref.s.rehearsal.pool) == 3
+        assert ref.summary().rehearsed == 2 * ref.summary().steps  # 25% of a batch of 8
     stop = tmp_path / "stopped"
     with Learner(
         make_cfg(two_regions, tiny_model_dir, stop, "her", "train.max_steps=75", *rehearse),

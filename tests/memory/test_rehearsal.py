@@ -2,14 +2,12 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from herllm.config import ConfigError, build_config
 from herllm.errors import UserError
 from herllm.evaluate.instruct import INSTRUCTIONS
 from herllm.memory import rehearsal
-from herllm.memory.general import GeneralSampler
 
 
 def _norm(s: str) -> str:
@@ -80,23 +78,24 @@ def test_batched_answers_are_the_answers_given_one_at_a_time(tiny_model_dir):
     assert [a for _, a in many] == [a for _, a in one]
 
 
-def test_the_sampler_draws_rehearsal_rows_at_the_share(tiny_model_dir, text_corpus):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    own = rehearsal.rehearsal_windows([([1, 2], [3, 4])] * 20, seq_len=16, pad_id=0)
-    plain = GeneralSampler(tok, 16, [str(text_corpus)], 200, seed=0)
-    mixed = GeneralSampler(tok, 16, [str(text_corpus)], 200, seed=0, rehearsal=own,
-                           rehearsal_share=0.25)  # fmt: skip
-    drawn = [e for _ in range(200) for e in mixed.sample(4)]
-    share = np.mean([e.key.startswith("rehearsal#") for e in drawn])
-    assert len(drawn) == 800 and 0.2 < share < 0.3
-    assert not any(e.key.startswith("rehearsal#") for _ in range(50) for e in plain.sample(4))
+def test_the_sampler_draws_uniformly_and_resumes_its_draws():
+    own = rehearsal.rehearsal_windows([([1, 2], [3, i]) for i in range(20)], seq_len=8, pad_id=0)
+    a = rehearsal.RehearsalSampler(own, seed=0)
+    a.sample(3)
+    saved = a.state_dict()
+    after = [e.key for e in a.sample(5)]
+    b = rehearsal.RehearsalSampler(own, seed=0)
+    b.load_state_dict(saved)
+    assert [e.key for e in b.sample(5)] == after and len(set(after)) == 5
+    assert all(k.startswith(rehearsal.KEY) for k in after)
 
 
-def test_rehearsal_needs_general_rows():
-    with pytest.raises(ConfigError, match="replay.general_ratio"):
-        build_config(None, ["replay.rehearsal=always", "replay.general_ratio=0"])
+def test_rehearsal_rows_count_against_the_new_ones():
+    with pytest.raises(ConfigError, match="replay.rehearsal_ratio"):
+        build_config(None, ["train.batch_size=8", "replay.ratio=0.5", "replay.general_ratio=0.25",
+                            "replay.rehearsal=always", "replay.rehearsal_ratio=0.25"])  # fmt: skip
+    build_config(None, ["train.batch_size=8", "replay.ratio=0.5", "replay.general_ratio=0.25",
+                        "replay.rehearsal=never"])  # fmt: skip
 
 
 def test_answers_are_no_longer_than_a_window_leaves_room_for(tmp_path, tiny_model_dir):
@@ -112,3 +111,11 @@ def test_answers_are_no_longer_than_a_window_leaves_room_for(tmp_path, tiny_mode
     assert pairs and all(len(a) <= 3 for _, a in pairs)
     tight = min(len(prompt_ids(tok, a)) for a in asks)  # no room for one answer token
     assert rehearsal.rehearsal_pairs(tmp_path / "x", model, tok, asks, 50, seq_len=tight) == []
+
+
+def test_chat_mode_rehearses_only_a_model_with_a_chat_template(tiny_model_dir, chatml_tokenizer):
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert rehearsal.active("chat", chatml_tokenizer) and not rehearsal.active("chat", plain)
+    assert rehearsal.active("always", plain) and not rehearsal.active("never", chatml_tokenizer)

@@ -126,12 +126,11 @@ class ReplayConfig:
     """General windows kept in memory to sample from."""
     rehearsal: Literal["never", "chat", "always"] = "never"
     """Self-rehearsal: the base model answers general instructions once at the start and its own
-    answers are replayed as part of the general rows (loss on the answers only), so an
+    answers are replayed as `rehearsal_ratio` of each batch (loss on the answers only), so an
     instruction-tuned model keeps answering as it did. `chat`: only for a model with a chat
-    template; `always`: also without one (plain `Question:/Answer:` prompts). Needs
-    general_ratio > 0."""
-    rehearsal_share: Annotated[float, Range(gt=0, le=1)] = 0.5
-    """Share of the general rows drawn from the rehearsal answers (the rest is general text)."""
+    template; `always`: also without one (plain `Question:/Answer:` prompts)."""
+    rehearsal_ratio: Annotated[float, Range(ge=0, lt=1)] = 0.25
+    """Share of each batch that is rehearsal answers, when rehearsal runs."""
     rehearsal_prompts: str = ""
     """Text file of instructions to rehearse, one per line; empty = the bundled 48."""
     rehearsal_tokens: Annotated[int, Range(ge=1)] = 64
@@ -348,10 +347,12 @@ class RunConfig:
                 f"replay.ratio={self.replay.ratio} + replay.general_ratio={self.replay.general_ratio} "
                 f"leave no new experiences in a batch of {self.train.batch_size}; lower them"
             )
-        if self.replay.rehearsal != "never" and self.replay.general_ratio <= 0:
+        if (self.replay.rehearsal != "never" and self.replay_per_batch + self.general_per_batch
+                + self.rehearsal_per_batch >= self.train.batch_size):  # fmt: skip
             raise ConfigError(
-                f"replay.rehearsal={self.replay.rehearsal} replays through the general rows, but "
-                "replay.general_ratio=0; set replay.general_ratio > 0 or replay.rehearsal=never"
+                f"replay.ratio={self.replay.ratio} + replay.general_ratio={self.replay.general_ratio} "
+                f"+ replay.rehearsal_ratio={self.replay.rehearsal_ratio} leave no new experiences "
+                f"in a batch of {self.train.batch_size}; lower them or set replay.rehearsal=never"
             )
         if self.expand.grow and not self.shift.detect:
             raise ConfigError(
@@ -391,6 +392,15 @@ class RunConfig:
     def replay_per_batch(self) -> int:
         """The most replay rows a training batch holds (see `replay_rows`)."""
         return math.ceil(round(self.replay.ratio * self.train.batch_size, 9))
+
+    @property
+    def rehearsal_per_batch(self) -> int:
+        """The most rehearsal rows a training batch holds, when rehearsal runs."""
+        return math.ceil(round(self.replay.rehearsal_ratio * self.train.batch_size, 9))
+
+    def rehearsal_rows(self, step: int) -> int:
+        """Rehearsal rows in the batch of optimizer step `step`, when rehearsal runs."""
+        return rows_at(self.replay.rehearsal_ratio, self.train.batch_size, step)
 
     def general_rows(self, step: int) -> int:
         """General-text rows in the batch of optimizer step `step` (0-based)."""

@@ -3,9 +3,6 @@
 A fixed pool of windows, packed once at start from the configured sources (or the bundled
 general corpus, the text the bundled model was pretrained on), sampled uniformly with its own
 seeded generator whose state is checkpointed.
-
-With self-rehearsal (`memory/rehearsal.py`) a second pool holds the base model's own answers to
-general instructions, and each drawn row comes from it with probability `rehearsal_share`.
 """
 
 from __future__ import annotations
@@ -19,10 +16,7 @@ from herllm.acquire.sources import Document, read_documents
 
 
 class GeneralSampler:
-    def __init__(self, tokenizer, seq_len: int, sources: list[str], max_windows: int, seed: int,
-                 rehearsal: list[Experience] | None = None, rehearsal_share: float = 0.0):  # fmt: skip
-        self.rehearsal = list(rehearsal or [])
-        self.rehearsal_share = rehearsal_share if self.rehearsal else 0.0
+    def __init__(self, tokenizer, seq_len: int, sources: list[str], max_windows: int, seed: int):
         if sources:
             docs = [d.text for d in read_documents(sources, ["*"], [], "error")]
         else:
@@ -42,13 +36,8 @@ class GeneralSampler:
         self.rng = np.random.default_rng(seed)
 
     def sample(self, k: int) -> list[Experience]:
-        if not self.rehearsal_share:
-            idx = self.rng.choice(len(self.pool), size=min(k, len(self.pool)), replace=False)
-            return [self.pool[i] for i in idx]
-        n = int((self.rng.random(k) < self.rehearsal_share).sum())  # rows rehearsed this time
-        text = self.rng.choice(len(self.pool), size=min(k - n, len(self.pool)), replace=False)
-        own = self.rng.choice(len(self.rehearsal), size=min(n, len(self.rehearsal)), replace=False)
-        return [self.pool[i] for i in text] + [self.rehearsal[i] for i in own]
+        idx = self.rng.choice(len(self.pool), size=min(k, len(self.pool)), replace=False)
+        return [self.pool[i] for i in idx]
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state}

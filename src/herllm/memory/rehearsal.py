@@ -5,7 +5,8 @@ did: on SmolLM2-135M-Instruct `her` with general text replay drifted on instruct
 much as plain fine-tuning (docs/benchmarks.md). Here the base model answers a set of general
 instructions once, greedily, through its chat template (its own behaviour, so no labels and no
 other model are needed; the idea of Self-Synthesized Rehearsal, Huang et al. 2024, ACL); the
-prompt + answer pairs join the general replay pool, with the loss on the answer tokens only.
+prompt + answer pairs are replayed as their own share of each batch (`replay.rehearsal_ratio`),
+with the loss on the answer tokens only.
 
 The answers are written to `rehearsal.json` in the run directory at the first start and read
 back on resume, so a resumed run replays exactly what the first start generated (the adapter has
@@ -21,10 +22,14 @@ import os
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from herllm.acquire.chunks import Experience, padded_experience
 from herllm.errors import UserError
 
 FILE = "rehearsal.json"
+KEY = "rehearsal#"
+"""How a rehearsal window's key starts (`rehearsal#<i>@0`)."""
 
 
 def read_instructions(path: str = "") -> list[str]:
@@ -92,5 +97,23 @@ def rehearsal_windows(pairs, seq_len: int, pad_id: int) -> list[Experience]:
             continue
         ids = list(prompt) + list(answer[:room])
         mask = [False] * len(prompt) + [True] * (len(ids) - len(prompt))
-        out.append(padded_experience(f"rehearsal#{i}@0", 0, ids, mask, seq_len, pad_id))
+        out.append(padded_experience(f"{KEY}{i}@0", 0, ids, mask, seq_len, pad_id))
     return out
+
+
+class RehearsalSampler:
+    """Uniform draws from the rehearsal windows, with its own seeded generator (checkpointed)."""
+
+    def __init__(self, windows: list[Experience], seed: int):
+        self.pool = list(windows)
+        self.rng = np.random.default_rng(seed + 7919)  # not the general sampler's stream
+
+    def sample(self, k: int) -> list[Experience]:
+        idx = self.rng.choice(len(self.pool), size=min(k, len(self.pool)), replace=False)
+        return [self.pool[i] for i in idx]
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]

@@ -70,7 +70,7 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
     # refuses a launcher/Accelerate world-size mismatch, and the engines herllm cannot run under
     ranks = Ranks(accelerator, cfg.train)
     base, tokenizer = load_base(cfg.model)
-    rehearsal = build_rehearsal(cfg, run_dir, base, tokenizer, accelerator.is_main_process)
+    rehearsed = build_rehearsal(cfg, run_dir, base, tokenizer, accelerator.is_main_process)
     model = attach_lora(base, cfg.lora)
     sharded = None
     if ranks.sharded:  # FSDP2 over the frozen base; the adapters stay whole (see shard_model)
@@ -92,8 +92,7 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
     general = None
     if cfg.replay.general_ratio > 0:
         general = GeneralSampler(tokenizer, cfg.stream.seq_len, cfg.replay.general_sources,
-                                 cfg.replay.general_windows, cfg.train.seed, rehearsal,
-                                 cfg.replay.rehearsal_share)  # fmt: skip
+                                 cfg.replay.general_windows, cfg.train.seed)  # fmt: skip
     bank = orth = None
     if ex.grow:
         bank = ad.AdapterBank(ADAPTER_NAME, ex.compose, ex.reuse_radius, ex.fallback_radius, ex.max_adapters,
@@ -135,6 +134,7 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
             keep_reps=ex.grow,  # the routing keys' base representations, from scoring
         ),
         general=general,
+        rehearsal=rehearsal.RehearsalSampler(rehearsed, cfg.train.seed) if rehearsed else None,
         ranks=ranks,
         sharded=sharded,
         bank=bank,
@@ -148,10 +148,10 @@ def build_state(cfg: RunConfig, resume: bool) -> RunState:
 
 def build_rehearsal(cfg: RunConfig, run_dir: Path, base, tokenizer, main: bool) -> list[Experience]:
     """The base model's own answers to the rehearsal instructions as windows (`memory.rehearsal`),
-    or [] when rehearsal is off, `chat` and the model has no chat template, or the batch has no
-    general row."""
+    or [] when rehearsal is off, `chat` and the model has no chat template, or its share of a
+    batch is 0."""
     rp = cfg.replay
-    if cfg.general_per_batch == 0 or not rehearsal.active(rp.rehearsal, tokenizer):
+    if cfg.rehearsal_per_batch == 0 or not rehearsal.active(rp.rehearsal, tokenizer):
         return []
     pairs = rehearsal.rehearsal_pairs(run_dir, base, tokenizer, rehearsal.read_instructions(
         rp.rehearsal_prompts), rp.rehearsal_tokens, cfg.stream.seq_len, write=main)  # fmt: skip
@@ -181,6 +181,7 @@ def register_components(s: RunState) -> None:
     r.register("detector", s.detector)
     r.register("ledger", s.ledger)  # also drops ledger lines written after it
     r.register("general", s.general)
+    r.register("rehearsal", s.rehearsal, required=False)  # since 2026-12-07
     r.register("stability", s.stability)
     r.register("metrics_lines", LogLines(s, "metrics.jsonl"))
     r.register("events_lines", LogLines(s, "events.jsonl"), required=False)  # since 2026-11-22

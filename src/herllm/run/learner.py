@@ -18,6 +18,7 @@ import torch
 
 from herllm.acquire.chunks import Experience, to_batch
 from herllm.config import RunConfig
+from herllm.memory.rehearsal import KEY as REHEARSAL_KEY
 from herllm.memory.replay import BufferItem
 from herllm.refine.scoring import Scores, sample_nll, score_batch
 from herllm.run.build import build_state
@@ -44,6 +45,9 @@ class Summary:
     skipped_by_selection: int
     replayed: int
     general_replayed: int
+    """General rows trained, general text and rehearsal answers."""
+    rehearsed: int
+    """Of those, the base model's own answers (`replay.rehearsal`)."""
     shifts: int
     consolidations: int
     reptile_steps: int
@@ -174,6 +178,8 @@ class Learner:
         want = self.cfg.train.batch_size
         if self.cfg.replay.mode == "add":
             want -= self.cfg.replay_rows(s.step) + self.cfg.general_rows(s.step)
+            if s.rehearsal is not None:
+                want -= self.cfg.rehearsal_rows(s.step)
         s.waiting = False
         while s.ranks.any_true(len(s.pending) < want and not s.stream_done and not s.waiting):
             windows, scores, mine = self.read_and_score(want)
@@ -258,7 +264,12 @@ class Learner:
         return self.s.ranks.sample_replay(self.s.buffer, self.cfg.replay_rows(self.s.step))
 
     def sample_general(self) -> list[Experience]:
-        return self.s.ranks.sample_general(self.s.general, self.cfg.general_rows(self.s.step))
+        """General-text windows, then the base model's own answers (rehearsal) when it runs."""
+        s = self.s
+        text = s.ranks.sample_general(s.general, self.cfg.general_rows(s.step))
+        if s.rehearsal is None:
+            return text
+        return text + s.ranks.sample_general(s.rehearsal, self.cfg.rehearsal_rows(s.step))
 
     def update(self, new: list[Experience], replay: list, general: list[Experience]) -> float:
         """One optimizer step on new + replay + general experiences; non-finite losses are skipped.
@@ -280,13 +291,15 @@ class Learner:
             return self.skip_nonfinite(skipped)
         s.nonfinite_streak = 0
         self.track_losses(out.logits.detach(), batch["labels"], len(new), replay)
-        tokens, n_replay, n_general = s.ranks.sum(
-            int(batch["attention_mask"].sum()) if real else 0, len(replay), len(general)
+        own = sum(e.key.startswith(REHEARSAL_KEY) for e in general)
+        tokens, n_replay, n_general, n_own = s.ranks.sum(
+            int(batch["attention_mask"].sum()) if real else 0, len(replay), len(general), own
         )
         c = s.counters
         c["tokens_trained"] += int(tokens)
         c["replayed"] += int(n_replay)
         c["general_replayed"] += int(n_general)
+        c["rehearsed"] += int(n_own)
         return float(out.loss.detach())
 
     def objective(self, lm_loss: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -365,7 +378,7 @@ class Learner:
         wall = c["train_seconds"] + (time.perf_counter() - s.started)
         keys = ("windows_read", "tokens_streamed", "tokens_scored", "tokens_trained", "selected",
                 "skipped_by_selection", "replayed", "general_replayed", "shifts", "consolidations",
-                "reptile_steps", "nonfinite_skipped", "replaced_by_replay")  # fmt: skip
+                "reptile_steps", "nonfinite_skipped", "replaced_by_replay", "rehearsed")  # fmt: skip
         return Summary(
             run_dir=str(s.run_dir),
             steps=s.step,

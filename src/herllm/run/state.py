@@ -25,6 +25,7 @@ from herllm.errors import UserError
 from herllm.memory.general import GeneralSampler
 from herllm.memory.knowledge.ingest import StreamIngest
 from herllm.memory.ledger import Ledger
+from herllm.memory.rehearsal import RehearsalSampler
 from herllm.memory.replay import ReplayBuffer
 from herllm.parallel.engine import Engine
 from herllm.parallel.ranks import Ranks
@@ -37,7 +38,7 @@ from herllm.update.strength import DynamicStrength
 COUNTERS = (
     "general_replayed", "shifts", "consolidations", "reptile_steps",
     "windows_read", "tokens_streamed", "tokens_scored", "tokens_trained", "selected",
-    "skipped_by_selection", "replayed", "nonfinite_skipped", "replaced_by_replay",
+    "skipped_by_selection", "replayed", "nonfinite_skipped", "replaced_by_replay", "rehearsed",
 )  # fmt: skip
 
 
@@ -61,6 +62,8 @@ class RunState:
     ledger: Ledger
     general: GeneralSampler | None
     ranks: Ranks
+    rehearsal: RehearsalSampler | None = None
+    """The base model's own answers replayed with each batch (`replay.rehearsal`), or None."""
     follower: FollowedSources | None = None
     """The documents of a followed stream (`herllm adapt --follow`), None for a plain one."""
     ingest: StreamIngest | None = None
