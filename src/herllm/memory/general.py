@@ -15,24 +15,12 @@ from herllm.acquire.chunks import Experience, Packer
 from herllm.acquire.sources import Document, read_documents
 
 
-class GeneralSampler:
-    def __init__(self, tokenizer, seq_len: int, sources: list[str], max_windows: int, seed: int):
-        if sources:
-            docs = [d.text for d in read_documents(sources, ["*"], [], "error")]
-        else:
-            from herllm.acquire.corpus import load_documents
+class WindowPool:
+    """A fixed list of windows drawn uniformly without replacement within a draw, by a seeded
+    generator whose state is checkpointed."""
 
-            docs = load_documents("general", "train")
-        random.Random(seed).shuffle(
-            docs
-        )  # a pool spread over the whole corpus, not its first files
-        packer = Packer(tokenizer, seq_len)
-        self.pool: list[Experience] = []
-        for w in packer.windows(Document(f"general#{i}", d) for i, d in enumerate(docs)):
-            if w.n_tokens == seq_len:
-                self.pool.append(w)
-            if len(self.pool) >= max_windows:
-                break
+    def __init__(self, pool: list[Experience], seed: int):
+        self.pool = pool
         self.rng = np.random.default_rng(seed)
 
     def sample(self, k: int) -> list[Experience]:
@@ -44,3 +32,24 @@ class GeneralSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+class GeneralSampler(WindowPool):
+    def __init__(self, tokenizer, seq_len: int, sources: list[str], max_windows: int, seed: int):
+        if sources:
+            docs = [d.text for d in read_documents(sources, ["*"], [], "error")]
+        else:
+            from herllm.acquire.corpus import load_documents
+
+            docs = load_documents("general", "train")
+        random.Random(seed).shuffle(
+            docs
+        )  # a pool spread over the whole corpus, not its first files
+        packer = Packer(tokenizer, seq_len)
+        pool: list[Experience] = []
+        for w in packer.windows(Document(f"general#{i}", d) for i, d in enumerate(docs)):
+            if w.n_tokens == seq_len:
+                pool.append(w)
+            if len(pool) >= max_windows:
+                break
+        super().__init__(pool, seed)

@@ -22,10 +22,9 @@ import os
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
-
 from herllm.acquire.chunks import Experience, padded_experience
 from herllm.errors import UserError
+from herllm.memory.general import WindowPool
 
 FILE = "rehearsal.json"
 KEY = "rehearsal#"
@@ -101,19 +100,8 @@ def rehearsal_windows(pairs, seq_len: int, pad_id: int) -> list[Experience]:
     return out
 
 
-class RehearsalSampler:
-    """Uniform draws from the rehearsal windows, with its own seeded generator (checkpointed)."""
+class RehearsalSampler(WindowPool):
+    """Uniform draws from the rehearsal windows, by a generator of their own (checkpointed)."""
 
     def __init__(self, windows: list[Experience], seed: int):
-        self.pool = list(windows)
-        self.rng = np.random.default_rng(seed + 7919)  # not the general sampler's stream
-
-    def sample(self, k: int) -> list[Experience]:
-        idx = self.rng.choice(len(self.pool), size=min(k, len(self.pool)), replace=False)
-        return [self.pool[i] for i in idx]
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
+        super().__init__(list(windows), seed + 7919)  # not the general sampler's draws
