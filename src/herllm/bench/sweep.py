@@ -7,9 +7,10 @@ forgotten, in the benchmark's own unit), and then reports every row on the test 
 no choice has seen. The grid, every point's figures and the choice are written to
 results.json (`sweep`) and the report.
 
-Strategies without a grid run at their registered settings: `her` (its settings were set in
-round 1 on the bundled stream as a whole, so on the bundled domains its test split is not
-unseen by its author; a `--stream-dir` split is), `naive`, `olora`, and the reference rows.
+`her` is swept on its buffer-replay share like `replay` (its general rows stay at 12.5%). Its
+other settings were set in round 1 on the bundled stream as a whole, so on the bundled domains
+its test split is not unseen by its author; a `--stream-dir` split is. Strategies without a grid
+run at their registered settings: `naive`, `olora`, and the reference rows.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ SWEEPS: dict[str, tuple[str, tuple]] = {
     "si": ("protect.strength", STRENGTHS),
     "lwf": ("protect.strength", STRENGTHS),
     "mer": ("protect.reptile_every", (10, 50, 200)),
+    "her": ("replay.ratio", (0.125, 0.25, 0.375)),
 }
 """Strategy -> (config key, values). Three points each: the registered default and one step
-either side of it (a decade for penalty strengths, which barely learn at the default)."""
+either side of it (a decade for penalty strengths, which barely learn at the default); for
+`her`, its default and two larger shares (replay's sweep chose its largest)."""
 CRITERION = "avg_final_loss"
 
 
