@@ -75,3 +75,27 @@ def chat_tokenizer(model_dir: Path, template: str | None = CHATML):
 @pytest.fixture()
 def chatml_tokenizer(tiny_model_dir):
     return chat_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture()
+def hold_run():
+    """`with hold_run(path) as pid:` another process holds the run directory's lock (as a
+    learner does) until the block ends; it is killed then."""
+    import contextlib
+    import subprocess
+    import sys
+
+    @contextlib.contextmanager
+    def holding(path):
+        code = ("import sys, time; from herllm.run.lock import RunLock; "
+                "lock = RunLock(sys.argv[1], 'x').acquire(); print('held', flush=True); time.sleep(120)")  # fmt: skip
+        proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        try:
+            assert proc.stdout.readline().strip() == "held"
+            yield proc.pid
+        finally:
+            proc.kill()
+            proc.wait()
+
+    return holding

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import openai
+import pytest
 from helpers import publish_version
 from safetensors.torch import load_file
 
@@ -46,3 +47,16 @@ def test_admin_forget_rolls_a_consolidated_fact_out_of_the_served_adapter(live, 
     assert before.keys() == after.keys() and all((after[k] == v).all() for k, v in before.items())
     # nothing of alice's was consolidated any more: a second forget leaves the weights alone
     assert root.post("/admin/forget", cast_to=object, body={"user": "alice"})["weights"] is None
+
+
+def test_admin_forget_refuses_with_409_while_another_process_holds_the_run(live, client, hold_run):
+    client.chat.completions.create(model="herllm-tiny", max_tokens=4,
+                                   messages=[{"role": "user", "content": FACT}])  # fmt: skip
+    root = openai.OpenAI(base_url=live.url + "/v1", api_key=live.tokens["root"], max_retries=0)
+    with hold_run(live.run):
+        with pytest.raises(openai.ConflictError, match="stop the learner first"):
+            root.post("/admin/forget", cast_to=object, body={"user": "alice"})
+    assert [it.text for it in live.deps.store.list(Scope("user", "alice"))] == [FACT]  # kept
+    assert (
+        root.post("/admin/forget", cast_to=object, body={"user": "alice"})["facts_forgotten"] == 1
+    )

@@ -23,6 +23,7 @@ from herllm.memory.replay import BufferItem
 from herllm.refine.scoring import Scores, sample_nll, score_batch
 from herllm.run.build import build_state
 from herllm.run.checkpoint import load_checkpoint, save_checkpoint
+from herllm.run.lock import LEARNER_FIX, RunLock, is_main_rank
 from herllm.run.progress import LoopProgress
 from herllm.run.state import RunState
 from herllm.run.units import close_unit, earlier_units_loss, open_first_unit
@@ -66,9 +67,15 @@ class Learner:
 
     def __init__(self, cfg: RunConfig, resume: bool = False, show_progress: bool = True):
         self.cfg = cfg
-        self.s: RunState = build_state(cfg, resume=resume)
-        if resume:
-            load_checkpoint(self.s)
+        self.lock = RunLock(cfg.run_dir, LEARNER_FIX).acquire() if is_main_rank() else None
+        try:
+            self.s: RunState = build_state(cfg, resume=resume)
+            if resume:
+                load_checkpoint(self.s)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
         self.show_progress = show_progress and self.s.ranks.main
         self.until_tokens: int | None = None
         self.stopping = False
@@ -83,6 +90,8 @@ class Learner:
             self.s.ingest.close()
             self.s.ingest = None
         self.s.ranks.close(self.s.engine)
+        if self.lock is not None:
+            self.lock.release()
 
     def __enter__(self) -> Learner:
         return self

@@ -12,8 +12,10 @@ from herllm import atomic as ckpt
 from herllm.errors import UserError
 from herllm.memory.ledger import read_ledger
 from herllm.memory.replay import ReplayBuffer
+from herllm.run.lock import holding_run
 
 
+@holding_run
 def rollback(run_dir: str | Path, unit_id: str) -> Path:
     """Write a new checkpoint whose adapters and trainer state are those saved when `unit_id`
     closed; the stream position, buffer and counters stay where the run is (knowledge goes back,

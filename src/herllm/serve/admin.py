@@ -38,6 +38,18 @@ def forget_weights(deps, forgotten: list[str]) -> dict | None:
             "consolidated_again": [r.entry for r in res.redone if r.accepted]}  # fmt: skip
 
 
+def check_run_free(run_dir) -> None:
+    """409 when a process this server did not start (a `herllm adapt` on the same run) holds
+    the run: the facts could be erased but not their trace in the weights."""
+    from herllm.errors import UserError
+    from herllm.run.lock import WRITER_FIX, RunLock
+
+    try:
+        RunLock(run_dir, WRITER_FIX).acquire().release()
+    except UserError as exc:
+        raise ApiError(409, str(exc), code="run_in_use") from None
+
+
 def register(app: FastAPI, deps, admin) -> None:
     from herllm.serve.routes import parse
 
@@ -61,6 +73,8 @@ def register(app: FastAPI, deps, admin) -> None:
         user = body.get("user") if isinstance(body, dict) else None
         if not isinstance(user, str) or not user:
             raise ApiError(400, 'give the user to forget: {"user": NAME}', param="user")
+        if deps.learner is None and deps.versions is not None:
+            check_run_free(deps.versions.run_dir)  # before anything is erased
         rows = await run_in_threadpool(deps.log.forget_user, user)
         items = deps.store.list(Scope("user", user)) if deps.store is not None else []
         forgotten = [v for item in items for v in deps.store.forget(item.id, actor="admin")]

@@ -25,6 +25,7 @@ from herllm.memory.knowledge.consolidate import (
 )
 from herllm.memory.knowledge.records import Scope
 from herllm.memory.knowledge.store import KnowledgeStore
+from herllm.run.lock import holding_run
 
 STORE_FILE = "knowledge.sqlite"
 
@@ -83,6 +84,7 @@ def _checkpoint(run: Path, model) -> Path:
     return final
 
 
+@holding_run
 def consolidate_run(
     run_dir: str | Path, scope: Scope, *, min_retrievals: int = 1, **kwargs
 ) -> tuple[ConsolidationResult, Path | None]:
@@ -105,6 +107,7 @@ def consolidate_run(
     return result, (_checkpoint(run, model) if result.accepted else None)
 
 
+@holding_run
 def undo_run(run_dir: str | Path, entry: str) -> tuple[list[str], Path]:
     """Roll a run's adapter back to before consolidation ``entry``, as a new checkpoint."""
     run = Path(run_dir)
@@ -114,11 +117,13 @@ def undo_run(run_dir: str | Path, entry: str) -> tuple[list[str], Path]:
     return items, _checkpoint(run, model)
 
 
+@holding_run
 def forget_run(run_dir: str | Path, forgotten: list[str], **kwargs):
     """After ``store.forget`` of ``forgotten`` in a run's store: take their influence out of the
     run's adapter (`forget.forget_from_weights`), as a new checkpoint. Returns the
     `ForgetResult` and the checkpoint (None when no consolidation had absorbed them). A learner
-    following the run must be stopped first: its next checkpoint would publish its own weights."""
+    following the run must be stopped first: its next checkpoint would publish its own weights
+    (the run's lock refuses while one runs, `run.lock`)."""
     from herllm.memory.knowledge.forget import ForgetResult, absorbed_into, forget_from_weights
 
     run = Path(run_dir)
