@@ -386,17 +386,17 @@ class RunConfig:
     @property
     def general_per_batch(self) -> int:
         """The most general-text rows a training batch holds (see `general_rows`)."""
-        return math.ceil(round(self.replay.general_ratio * self.train.batch_size, 9))
+        return most_rows(self.replay.general_ratio, self.train.batch_size)
 
     @property
     def replay_per_batch(self) -> int:
         """The most replay rows a training batch holds (see `replay_rows`)."""
-        return math.ceil(round(self.replay.ratio * self.train.batch_size, 9))
+        return most_rows(self.replay.ratio, self.train.batch_size)
 
     @property
     def rehearsal_per_batch(self) -> int:
         """The most rehearsal rows a training batch holds, when rehearsal runs."""
-        return math.ceil(round(self.replay.rehearsal_ratio * self.train.batch_size, 9))
+        return most_rows(self.replay.rehearsal_ratio, self.train.batch_size)
 
     def rehearsal_rows(self, step: int) -> int:
         """Rehearsal rows in the batch of optimizer step `step`, when rehearsal runs."""
@@ -409,6 +409,11 @@ class RunConfig:
     def replay_rows(self, step: int) -> int:
         """Replay rows in the batch of optimizer step `step` (0-based)."""
         return rows_at(self.replay.ratio, self.train.batch_size, step)
+
+
+def most_rows(ratio: float, batch_size: int) -> int:
+    """The most rows a `ratio` share of a batch takes at any step (see `rows_at`)."""
+    return math.ceil(round(ratio * batch_size, 9))
 
 
 def rows_at(ratio: float, batch_size: int, step: int) -> int:
