@@ -80,6 +80,9 @@ class BenchConfig:
     default: the benchmark measures what `herllm adapt` does)."""
     out: str = "results/bench"
     """Results directory (results.json, report.md, report.html, plots/)."""
+    resume: bool = False
+    """Keep the finished runs of `out`/results.json (same settings, else one line says which
+    differ) and run only the missing (row, order) pairs: a stopped multi-hour run goes on."""
 
 
 def domain_orders(domains: list[str], n: int, seed: int) -> list[list[str]]:
@@ -109,8 +112,16 @@ def run_bench(bc: BenchConfig, progress=print, command: str | None = None) -> di
     out = Path(bc.out)
     out.mkdir(parents=True, exist_ok=True)
     specs = {s: s for s in bc.strategies}  # row label -> what runs (a swept setting, once tuned)
-    sweep = None
-    if bc.tune_domains:
+    done, sweep = previous_runs(bc, out / "results.json") if bc.resume else ({}, None)
+    if bc.tune_domains and sweep is not None:  # the resumed run's sweep chose the settings
+        from herllm.bench.sweep import test_domains
+
+        bc = replace(bc, domains=test_domains(bc))
+        for label in specs:
+            name, extra = split_spec(label)
+            if name in sweep:
+                specs[label] = ":".join([sweep[name]["spec"], *extra])
+    elif bc.tune_domains:
         from herllm.bench.sweep import test_domains, tune
 
         bc = replace(bc, domains=test_domains(bc))
@@ -127,6 +138,10 @@ def run_bench(bc: BenchConfig, progress=print, command: str | None = None) -> di
         results["sweep"] = sweep
     for k, order in enumerate(domain_orders(data.domains, bc.orders, bc.seed)):
         for label, spec in specs.items():
+            if (label, bc.seed + k) in done:
+                progress(f"[bench] order {k} ({', '.join(order)}): {spec} kept from results.json")
+                results["runs"].append(done[label, bc.seed + k])
+                continue
             progress(f"[bench] order {k} ({', '.join(order)}): {spec}")
             results["runs"].append(run_one(bc, data, spec, order, k, peak, label))
             gc.collect()
@@ -134,6 +149,29 @@ def run_bench(bc: BenchConfig, progress=print, command: str | None = None) -> di
     results["summary"] = summarize(results["runs"])
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def previous_runs(bc: BenchConfig, path: Path) -> tuple[dict, dict | None]:
+    """`--resume`: the ok runs of an earlier results.json, keyed by (row, seed), and its sweep.
+    Refuses in one line when the earlier run had other settings (its rows would not compare)."""
+    if not path.exists():
+        return {}, None
+    try:
+        prev = json.loads(path.read_text())
+        old = prev["config"]
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"--resume: {path} is not a herllm bench results file ({exc}); "
+                        "move it away or drop --resume") from None  # fmt: skip
+    new = asdict(bc)
+    differ = [k for k in new if k not in ("out", "resume", "orders", "strategies")
+              and old.get(k) != new[k]]  # fmt: skip
+    if differ:
+        shown = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in differ)
+        raise UserError(f"--resume: {path} was run with other settings ({shown}); "
+                        "use another --out or the same settings")  # fmt: skip
+    runs = {(r["strategy"], r["seed"]): r | {"kept_from": prev.get("date")}
+            for r in prev.get("runs", []) if r.get("status") == "ok"}  # fmt: skip
+    return runs, prev.get("sweep")
 
 
 def machine_info(peak: float) -> dict:
