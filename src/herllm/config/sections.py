@@ -224,6 +224,10 @@ class TrainConfig:
     """AdamW weight decay on the trainable (adapter) parameters."""
     warmup_steps: Annotated[int, Range(ge=0)] = 20
     """Linear warm-up steps; the rate is constant afterwards (streams have no known end)."""
+    rewarm_steps: Annotated[int, Range(ge=0)] = 0
+    """Linear warm-up after what trains changes (an adapter grown, reused or merged gets a fresh
+    optimizer); 0 = the full rate at once. A grown adapter starts from trained weights, and a
+    20-step re-warm cost `her` 1.5% of final loss on 23-step domains (docs/benchmarks.md)."""
     max_steps: Annotated[int, Range(ge=0)] = 0
     """Stop after this many optimizer steps (0 = run until the stream ends)."""
     max_tokens: Annotated[int, Range(ge=0)] = 0

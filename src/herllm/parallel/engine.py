@@ -26,12 +26,24 @@ import torch
 from herllm.parallel.zero import ZeroOptimizer
 
 
-def make_optimizer(train, params: list[torch.nn.Parameter]):
-    """AdamW over `params` with a linear warm-up, then a constant rate (streams have no end).
-    `train`: the run's `TrainConfig`."""
+class LinearWarmup:
+    """The rate's factor at scheduler step i: linear up to 1 over `steps`, then 1. An object,
+    not a lambda, so LambdaLR's state_dict keeps `steps` and a resumed run warms as it did."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = max(int(steps), 1)
+
+    def __call__(self, i: int) -> float:
+        return min(1.0, (i + 1) / self.steps)
+
+
+def make_optimizer(train, params: list[torch.nn.Parameter], warmup: int | None = None):
+    """AdamW over `params` with a linear warm-up of `warmup` steps (default
+    `train.warmup_steps`), then a constant rate (streams have no end). `train`: the run's
+    `TrainConfig`."""
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    warm = max(train.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warm))
+    steps = train.warmup_steps if warmup is None else warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(steps))
     return optimizer, scheduler
 
 
@@ -118,11 +130,14 @@ class Engine:
 
     # -- what trains changed ----------------------------------------------------------------
     def rebuild(self) -> None:
-        """A fresh optimizer (and warm-up) over what trains now: after the trainable adapter
-        changed (grown, reused or merged). Adam moments of the previous adapter are dropped."""
+        """A fresh optimizer over what trains now: after the trainable adapter changed (grown,
+        reused or merged). Adam moments of the previous adapter are dropped; the rate re-warms
+        over `train.rewarm_steps` (0: at once)."""
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._good = None
-        self.optimizer, self.scheduler = make_optimizer(self.train, self.trainable)
+        self.optimizer, self.scheduler = make_optimizer(
+            self.train, self.trainable, self.train.rewarm_steps
+        )
 
     # -- state ------------------------------------------------------------------------------
     def optimizer_state(self) -> dict | None:
