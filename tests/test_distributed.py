@@ -33,10 +33,13 @@ SEQ = 32
 # Tolerance of "two processes match one": float reduction order (a batch of 4 per rank vs 8,
 # then DDP's mean of two means vs one mean) gives ~1e-7 relative differences per step, which
 # Adam grows to the measured max |diff| of the adapter weights: 1.9e-6 on the first adapter
-# (56 steps), 1.2e-4 on the one grown at the shift (24 steps from a fresh Adam, whose first
+# (56 steps), 1.2e-4 to 4.5e-4 on the one grown at the shift (24 steps from a fresh Adam, whose first
 # steps move near-zero-gradient elements by about the learning rate whatever their sign);
 # see docs/scaling.md. A wrong average or an unsynchronised adapter is off by 1e-2 or more.
-MATCH_ATOL = 5e-4
+# The grown adapter re-warms here (train.rewarm_steps=20): at the full rate of 0.01 from its first
+# step, those sign-sensitive steps move elements by up to the rate and the two runs differ by
+# 6.1e-3, too close to a real fault to tell apart. With the re-warm: 4.5e-4 (2026-12-07).
+MATCH_ATOL = 1e-3
 
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -81,7 +84,7 @@ def options(root: Path, batch: int) -> list[str]:
             "replay.ratio=0.25", "replay.general_ratio=0.25", f"replay.general_sources=[{root / 'src' / '1-words.txt'}]",
             "replay.general_windows=64", f"stream.seq_len={SEQ}", "shift.warmup=50",
             "protect.reptile_every=20", "checkpoint.every_steps=10", "eval.every_steps=25",
-            f"eval.files=[{root / 'heldout.txt'}]", "train.lr=0.01"]  # fmt: skip
+            f"eval.files=[{root / 'heldout.txt'}]", "train.lr=0.01", "train.rewarm_steps=20"]  # fmt: skip
 
 
 def torchrun(*args: str) -> list[str]:
