@@ -1,6 +1,7 @@
 """Where a strategy's time goes: cProfile of the learner's loop over bundled domains.
 
     python benchmarks/profile_loop.py --strategy her --domains sotu,pycode --tokens-per-domain 24000
+    python benchmarks/profile_loop.py --strategy her --set shift.reps=model
 
 Prints the loop's phases (acquire, scoring, update, unit closes, ...) by cumulative time. Use
 the ratios, not the seconds: cProfile slows Python-heavy code more than the matmuls.
@@ -28,6 +29,8 @@ def main() -> None:
     ap.add_argument("--domains", default="sotu,pycode")
     ap.add_argument("--tokens-per-domain", type=int, default=24_000)
     ap.add_argument("--lines", type=int, default=30)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a config override after the strategy's (repeatable)")  # fmt: skip
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="herllm-profile-"))
@@ -42,7 +45,7 @@ def main() -> None:
         *strategy_overrides(args.strategy), f"run_dir={tmp / 'run'}",
         "stream.sources=[" + ",".join(map(str, files)) + "]", "train.lr=0.001", "lora.r=16",
         "lora.alpha=32", "checkpoint.every_steps=1000000", "eval.every_steps=1000000",
-        "replay.capacity=20000", "shift.warmup=64", "shift.cooldown=120",
+        "replay.capacity=20000", "shift.warmup=64", "shift.cooldown=120", *args.set,
     ])  # fmt: skip
     with Learner(cfg, show_progress=False) as learner:
         prof = cProfile.Profile()
