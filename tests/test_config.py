@@ -28,6 +28,10 @@ def test_defaults_validate_and_every_field_is_documented():
         (["replay.ratio=0.9", "train.batch_size=2"], r"leaves no new experiences"),
         (["train.batch_size=abc"], r"train.batch_size='abc' must be int"),
         (["checkpoint.keep=1"], r"checkpoint.keep=1 must be >= 2"),
+        (
+            ["select.scores=step", "select.policy=uncertain"],
+            r"^select.scores=step .* select.policy=uncertain cannot skip it; set select.policy=all",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_error(overrides, pattern):

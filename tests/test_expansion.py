@@ -44,12 +44,18 @@ def adapter_actions(run) -> list[tuple[str, str]]:
     return [(r["action"], r["adapter"]) for r in read_ledger(run) if r["type"] == "adapter"]
 
 
-@pytest.mark.parametrize("strategy", ["olora", "her"])
+STEP_SCORES = ("select.scores=step", "select.policy=all", "shift.reps=model")
+
+
+@pytest.mark.parametrize(("strategy", "extra"), [("olora", ()), ("her", ()), ("her", STEP_SCORES)])
 def test_a_new_region_grows_one_adapter_and_a_recurring_one_reuses_it(
-    strategy, regions, tiny_model_dir, tmp_path
+    strategy, extra, regions, tiny_model_dir, tmp_path
 ):
+    """Also with the scores taken from the training step (`select.scores=step`): detection
+    then sees each window one step later, and finds the same regions."""
     run = tmp_path / "run"
-    with Learner(make_cfg(regions, tiny_model_dir, run, strategy), show_progress=False) as learner:
+    cfg = make_cfg(regions, tiny_model_dir, run, strategy, *extra)
+    with Learner(cfg, show_progress=False) as learner:
         summary = learner.run()
         bank = learner.s.bank
         terms = learner.s.protection.last_terms

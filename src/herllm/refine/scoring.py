@@ -26,6 +26,20 @@ class Scores:
     base: bool = False
     """`reps` are the frozen base model's (adapters off): valid as routing-key inputs."""
 
+    def __len__(self) -> int:
+        return len(self.nll)
+
+    def cat(self, other: Scores) -> Scores:
+        """These rows, then `other`'s (both scored with the same settings)."""
+        reps = [r for r, n in ((self.reps, len(self)), (other.reps, len(other))) if n]
+        return Scores(
+            nll=torch.cat([self.nll, other.nll]),
+            entropy=torch.cat([self.entropy, other.entropy]),
+            reps=torch.cat(reps) if reps and all(r is not None for r in reps) else None,
+            tokens=self.tokens + other.tokens,
+            base=self.base,
+        )
+
 
 CHUNK_ELEMENTS = 1 << 26
 """Largest (rows, T, V) block of temporaries `token_stats` makes at once (256 MB in fp32): with a
@@ -151,6 +165,22 @@ def score_batch(model, batch: dict, base_reps: bool = False, entropy: bool = Tru
         reps = _pool(out.hidden_states[-1], batch["attention_mask"]).cpu()
     tokens = int(batch["attention_mask"].sum())
     return Scores(nll=nll.cpu(), entropy=ent.cpu(), reps=reps, tokens=tokens, base=base_reps)
+
+
+@torch.no_grad()
+def step_scores(model, out, batch: dict, n: int, base_reps: bool = False,
+                entropy: bool = True) -> Scores:  # fmt: skip
+    """Scores of a training batch's first `n` rows from that step's own forward `out` (run with
+    `output_hidden_states` unless ``base_reps``): the weights before the update, as a scoring
+    pass just before the step would have seen them. ``base_reps`` runs the base-model pass on
+    those rows. No tokens are counted as scored: no extra forward over the vocabulary ran."""
+    rows = {k: v[:n] for k, v in batch.items()}
+    nll, ent, _ = token_stats(out.logits.detach()[:n], rows["labels"], entropy)
+    if base_reps:
+        reps = base_pooled_states(model, rows)
+    else:
+        reps = _pool(out.hidden_states[-1].detach()[:n], rows["attention_mask"]).cpu()
+    return Scores(nll=nll.cpu(), entropy=ent.cpu(), reps=reps, tokens=0, base=base_reps)
 
 
 def batch_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:

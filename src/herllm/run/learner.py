@@ -2,6 +2,9 @@
 checkpoint -> evaluate.
 
 `Learner.run` is the whole loop and reads top to bottom; each phase is a named helper below it.
+With `select.scores=step` the order changes: the scores come from the training step's own
+forward, so detection, the ledger and the replay buffer see a window after the step that
+trained it (`digest_trained`), and nothing is skipped.
 Set-up lives in `run.build`, checkpoints in `run.checkpoint`, knowledge-unit bookkeeping in
 `run.units`, and everything that differs between one process, DDP, FSDP and DeepSpeed behind
 `parallel.engine`, so this file is only the loop.
@@ -20,7 +23,7 @@ from herllm.acquire.chunks import Experience, to_batch
 from herllm.config import RunConfig
 from herllm.memory.rehearsal import KEY as REHEARSAL_KEY
 from herllm.memory.replay import BufferItem
-from herllm.refine.scoring import Scores, sample_nll, score_batch
+from herllm.refine.scoring import Scores, sample_nll, score_batch, step_scores
 from herllm.run.build import build_state
 from herllm.run.checkpoint import load_checkpoint, save_checkpoint
 from herllm.run.lock import LEARNER_FIX, RunLock, is_main_rank
@@ -78,6 +81,8 @@ class Learner:
             raise
         self.show_progress = show_progress and self.s.ranks.main
         self.until_tokens: int | None = None
+        self.trained_scores: Scores | None = None
+        """`select.scores=step`: the scores of the last step's new rows, from its forward."""
         self.stopping = False
         """Set by `stop` (a signal under --follow): the loop ends after the current step."""
 
@@ -117,9 +122,12 @@ class Learner:
                 self.wait_while_busy()  # a served log: train between requests only
                 replay = self.sample_replay()  # past experience from the buffer
                 general = self.sample_general()  # general text that protects general ability
+                trained = new
                 if cfg.replay.mode == "replace":  # replayed rows take new windows' places
-                    new = self.make_room(new, len(replay) + len(general))
-                loss = self.update(new, replay, general)  # LM loss + protection, one step
+                    trained = self.make_room(new, len(replay) + len(general))
+                loss = self.update(trained, replay, general)  # LM loss + protection, one step
+                if cfg.select.scores == "step":  # detect, remember: from the step's scores
+                    self.digest_trained(new, len(trained))
                 s.step += 1
                 self.stabilize()  # periodic consolidation and strength adaptation
                 if s.step % cfg.checkpoint.every_steps == 0:
@@ -191,63 +199,91 @@ class Learner:
                 want -= self.cfg.rehearsal_rows(s.step)
         s.waiting = False
         while s.ranks.any_true(len(s.pending) < want and not s.stream_done and not s.waiting):
+            if self.cfg.select.scores == "step":  # scored by the step that trains them
+                s.pending.extend(self.read(want - len(s.pending)))
+                continue
             windows, scores, mine = self.read_and_score(want)
             if not windows:
                 continue  # every rank that still needed windows has reached its shard's end
-            if s.detector is not None:
-                event = s.detector.update(
-                    torch.stack([scores.nll, scores.entropy], 1), scores.reps, s.step
-                )
-                # taken on rank 0 and broadcast, so every rank applies the same decision even
-                # if their devices rounded the scores differently
-                event = s.ranks.broadcast(event)
-                if event is not None:  # close, consolidate, pick the adapter, open next
-                    close_unit(s, event, windows, scores.reps if scores.base else None)
-            chosen = s.selector.select(scores.nll.numpy())
-            s.ledger.observe([(w.input_ids[: w.n_tokens], w.loss_mask[: w.n_tokens]) for w in windows],
-                             chosen, scores.reps, base=scores.base)  # fmt: skip
-            self.remember(windows, scores.nll.numpy(), step=s.step)
+            chosen = self.digest(windows, scores)
             s.pending.extend(
                 w for w, k, own in zip(windows, chosen, mine, strict=True) if k and own
             )
-            c = s.counters
-            c["windows_read"] += len(windows)
-            c["tokens_streamed"] += sum(w.n_tokens for w in windows)
-            c["tokens_scored"] += scores.tokens
-            c["selected"] += int(chosen.sum())
-            c["skipped_by_selection"] += int((~chosen).sum())
         if not s.ranks.set_active(bool(s.pending)):  # which ranks train on new windows
             return None  # the stream (on N processes: every rank's shard) has ended, or waits
         # a followed stream that waits: what was read is learned now, in a smaller batch
         batch, s.pending = s.pending[:want], s.pending[want:]
         return batch
 
+    def digest(self, windows: list[Experience], scores: Scores) -> np.ndarray:
+        """What every rank does with the scored windows of all ranks (in stream order): shift
+        detection (and the unit close it calls for), selection, the ledger, the replay buffer
+        and the counters. Returns which windows are selected for training."""
+        s = self.s
+        if s.detector is not None:
+            event = s.detector.update(
+                torch.stack([scores.nll, scores.entropy], 1), scores.reps, s.step
+            )
+            # taken on rank 0 and broadcast, so every rank applies the same decision even
+            # if their devices rounded the scores differently
+            event = s.ranks.broadcast(event)
+            if event is not None:  # close, consolidate, pick the adapter, open next
+                close_unit(s, event, windows, scores.reps if scores.base else None)
+        chosen = s.selector.select(scores.nll.numpy())
+        s.ledger.observe([(w.input_ids[: w.n_tokens], w.loss_mask[: w.n_tokens]) for w in windows],
+                         chosen, scores.reps, base=scores.base)  # fmt: skip
+        self.remember(windows, scores.nll.numpy(), step=s.step)
+        c = s.counters
+        c["windows_read"] += len(windows)
+        c["tokens_streamed"] += sum(w.n_tokens for w in windows)
+        c["tokens_scored"] += scores.tokens
+        c["selected"] += int(chosen.sum())
+        c["skipped_by_selection"] += int((~chosen).sum())
+        return chosen
+
+    def digest_trained(self, new: list[Experience], n_trained: int) -> None:
+        """`select.scores=step`: digest this rank's new windows after the step that trained
+        the first `n_trained` of them, with that step's scores; the rest (left out by
+        `replay.mode=replace`) are scored by a pass. Then every rank's, as `digest` does."""
+        step = self.trained_scores
+        fresh = step is not None and len(step) == n_trained  # not after a skipped step
+        again = self.score([] if fresh else new[:n_trained])  # every rank calls `score` alike
+        scores = (step if fresh else again).cat(self.score(new[n_trained:]))
+        windows, scores, _ = self.s.ranks.gather_scored(new, scores)
+        if windows:
+            self.digest(windows, scores)
+
     def make_room(self, new: list[Experience], n_replayed: int) -> list[Experience]:
         """`replay.mode=replace`: keep as many new windows as leave room for `n_replayed` rows
-        in the batch (at least one); the others were offered to the buffer when read and are
-        counted, so the run trains as many tokens per step as without replay."""
+        in the batch (at least one); the others are offered to the buffer (when read; with
+        `select.scores=step` after the step) and counted, so the run trains as many tokens per
+        step as without replay."""
         keep = max(1, self.cfg.train.batch_size - n_replayed) if new else 0
         self.s.counters["replaced_by_replay"] += max(0, len(new) - keep)
         return new[:keep]
+
+    def read(self, n: int) -> list[Experience]:
+        """Up to `n` of this rank's next windows (none when its shard has ended)."""
+        s = self.s
+        if n <= 0 or s.stream_done:
+            return []
+        windows, s.waiting = s.next_windows(n)
+        s.stream_done = not windows and not s.waiting
+        return windows
 
     def read_and_score(self, want: int) -> tuple[list[Experience], Scores, list[bool]]:
         """Score this rank's next windows (none when it has enough, or its shard has ended),
         then gather every rank's in stream order; `mine` marks this rank's own."""
         s = self.s
-        windows = []
-        if len(s.pending) < want and not s.stream_done:
-            windows, s.waiting = s.next_windows(self.cfg.select.score_batch_size)
-            s.stream_done = not windows and not s.waiting
+        windows = self.read(self.cfg.select.score_batch_size) if len(s.pending) < want else []
         return s.ranks.gather_scored(windows, self.score(windows))
 
     def score(self, windows: list[Experience]) -> Scores:
         """No-grad scores of new windows, when something uses them (selection, shift detection,
         priority replay, knowledge units); plain fine-tuning and uniform replay skip the pass."""
         s, cfg = self.s, self.cfg
-        needed = (cfg.select.policy != "all" or s.detector is not None or s.protection.regs
-                  or (cfg.replay.capacity > 0 and cfg.replay.policy == "priority"))  # fmt: skip
         base = s.detector is not None and cfg.shift.reps == "base"
-        if needed and s.ranks.forward_together(bool(windows)):
+        if self.scores_needed() and s.ranks.forward_together(bool(windows)):
             # with an FSDP-sharded base a rank without windows runs a placeholder pass; the
             # entropy is a detector channel, and nothing else reads it
             rows = windows or [s.placeholder_window()]
@@ -257,6 +293,12 @@ class Learner:
                 return scores
         nan = torch.full((len(windows),), float("nan"))
         return Scores(nll=nan, entropy=nan, reps=None, tokens=0, base=base)
+
+    def scores_needed(self) -> bool:
+        """Whether anything reads the scores of new windows."""
+        s, cfg = self.s, self.cfg
+        return bool(cfg.select.policy != "all" or s.detector is not None or s.protection.regs
+                    or (cfg.replay.capacity > 0 and cfg.replay.policy == "priority"))  # fmt: skip
 
     def remember(self, windows: list[Experience], nll: np.ndarray, step: int) -> None:
         """Offer every read window (selected or not) to the replay buffer."""
@@ -292,13 +334,24 @@ class Learner:
         real = bool(exps)
         batch = s.to_device(to_batch(exps or [s.placeholder_window()]))
         s.engine.train_model.train()
-        out = s.engine.train_model(**batch)  # DDP-wrapped on N processes: gradients are averaged
+        score = self.cfg.select.scores == "step" and self.scores_needed()
+        base = s.detector is not None and self.cfg.shift.reps == "base"
+        # DDP-wrapped on N processes: gradients are averaged
+        out = s.engine.train_model(**batch, **({"output_hidden_states": True}
+                                               if score and not base else {}))  # fmt: skip
         loss = self.objective(out.loss, batch) * s.ranks.loss_scale()
         skipped = s.engine.step(loss, after_backward=lambda: s.protection.after_backward(s.model),
                                 after_step=self.after_step)  # fmt: skip
+        self.trained_scores = None
         if skipped is not None:
             return self.skip_nonfinite(skipped)
         s.nonfinite_streak = 0
+        # with an FSDP-sharded base a rank without new rows runs the base pass on its
+        # placeholder row too (every rank takes part in a forward) and drops the result
+        if score and (s.ranks.forward_together(bool(new)) if base else new):
+            scores = step_scores(s.model, out, batch, max(len(new), 1), base_reps=base,
+                                 entropy=s.detector is not None)  # fmt: skip
+            self.trained_scores = scores if new else None
         self.track_losses(out.logits.detach(), batch["labels"], len(new), replay)
         own = sum(e.key.startswith(REHEARSAL_KEY) for e in general)
         tokens, n_replay, n_general, n_own = s.ranks.sum(
