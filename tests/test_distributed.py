@@ -585,3 +585,33 @@ def test_unequal_shards_are_learned_to_the_end(stream, tiny_model_dir, tmp_path)
         assert c["selected"] == c["windows_read"], name
         assert all(r["pending"] == [] and r["stream_done"] for r in g["trainer"]["ranks"]), name
         assert g["step"] > single["step"], name  # the long shard took more (smaller) steps
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_step_scores_on_two_processes_match_one(stream, tiny_model_dir, tmp_path):
+    """`select.scores=step`: each rank scores its own windows in its training step, and every
+    rank's scores are gathered after it, so detection, the ledger and the buffer see the whole
+    stream in its order, as on one process; with `replay.mode=replace` the windows a rank leaves
+    out are scored by a pass. Two processes end where one does."""
+    step = ["select.scores=step", "shift.reps=model", "replay.mode=replace"]
+    two = tmp_path / "two"
+    sets = [x for o in [*options(stream, 4), *step] for x in ("--set", o)]
+    argv = torchrun(str(stream / "src"), "--model", str(tiny_model_dir), "--run-dir", str(two),
+                    "--strategy", "her", *sets)  # fmt: skip
+    subprocess.run(argv, env=env(), check=True, timeout=300)
+    ref = final(two)
+    c = ref["trainer"]["counters"]
+    assert c["shifts"] == 1 and c["replaced_by_replay"] > 0 and c["tokens_scored"] > 0
+    assert c["windows_read"] == c["selected"] == 320 == len(ref["rows"])  # every window, once
+    cfg = build_config(None, [*strategy_overrides("her"), "strategy=her",
+                              f"model.name_or_path={tiny_model_dir}", f"run_dir={tmp_path / 'one'}",
+                              f"stream.sources=[{stream / 'src'}]", *options(stream, 8), *step])  # fmt: skip
+    with Learner(cfg, show_progress=False) as one:
+        one.run()
+    single = final(tmp_path / "one")
+    assert single["step"] == ref["step"]
+    for k in (*COUNTERS, "replaced_by_replay"):
+        assert single["trainer"]["counters"][k] == c[k], k
+    assert [r[:2] for r in single["rows"]] == [r[:2] for r in ref["rows"]]
+    assert max_diff(single["weights"], ref["weights"]) < MATCH_ATOL

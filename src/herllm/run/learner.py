@@ -259,7 +259,8 @@ class Learner:
         `select.scores=step` after the step) and counted, so the run trains as many tokens per
         step as without replay."""
         keep = max(1, self.cfg.train.batch_size - n_replayed) if new else 0
-        self.s.counters["replaced_by_replay"] += max(0, len(new) - keep)
+        (left_out,) = self.s.ranks.sum(max(0, len(new) - keep))  # on N processes: every rank's
+        self.s.counters["replaced_by_replay"] += int(left_out)
         return new[:keep]
 
     def read(self, n: int) -> list[Experience]:
