@@ -98,13 +98,10 @@ class SelectConfig:
     score_batch_size: Annotated[int, Range(gt=0)] = 16
     """Experiences per no-grad scoring pass."""
     scores: Literal["pass", "step"] = "pass"
-    """Where the scores of new experiences come from. `pass`: a no-grad forward over each window
-    before it is trained (selection can skip it; detection sees it before it is learned). `step`:
-    the training step's own forward (no extra pass, which costs about 60% of a LoRA training
-    step per window), so
-    every window is trained (needs select.policy=all) and shift detection, the ledger and the
-    replay buffer see it one step later. Windows that `replay.mode=replace` leaves out of the
-    batch are still scored by a pass."""
+    """Where new experiences' scores come from: `pass`, a no-grad forward over each window before
+    it is trained (selection can skip it); `step`, the training step's own forward (no extra
+    pass; needs select.policy=all), so detection, the ledger and the buffer see a window one step
+    later. Windows that `replay.mode=replace` leaves out are still scored by a pass."""
 
 
 @dataclass

@@ -2,9 +2,6 @@
 checkpoint -> evaluate.
 
 `Learner.run` is the whole loop and reads top to bottom; each phase is a named helper below it.
-With `select.scores=step` the order changes: the scores come from the training step's own
-forward, so detection, the ledger and the replay buffer see a window after the step that
-trained it (`digest_trained`), and nothing is skipped.
 Set-up lives in `run.build`, checkpoints in `run.checkpoint`, knowledge-unit bookkeeping in
 `run.units`, and everything that differs between one process, DDP, FSDP and DeepSpeed behind
 `parallel.engine`, so this file is only the loop.
@@ -14,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,40 +25,13 @@ from herllm.run.checkpoint import load_checkpoint, save_checkpoint
 from herllm.run.lock import LEARNER_FIX, RunLock, is_main_rank
 from herllm.run.progress import LoopProgress
 from herllm.run.state import RunState
+from herllm.run.summary import Summary, summarize
 from herllm.run.units import close_unit, earlier_units_loss, open_first_unit
 from herllm.update.adapters import orthogonality
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses: the run stops (the last checkpoint is intact)."""
-
-
-@dataclass
-class Summary:
-    run_dir: str
-    steps: int
-    windows_read: int
-    tokens_streamed: int
-    tokens_scored: int
-    tokens_trained: int
-    selected: int
-    skipped_by_selection: int
-    replayed: int
-    general_replayed: int
-    """General rows trained, general text and rehearsal answers."""
-    rehearsed: int
-    """Of those, the base model's own answers (`replay.rehearsal`)."""
-    shifts: int
-    consolidations: int
-    reptile_steps: int
-    bad_inputs_skipped: int
-    buffer_rows: int
-    nonfinite_skipped: int
-    replaced_by_replay: int
-    wall_seconds: float
-    train_tokens_per_s: float
-    eval_first: dict[str, float] = field(default_factory=dict)
-    eval_last: dict[str, float] = field(default_factory=dict)
 
 
 class Learner:
@@ -437,19 +406,4 @@ class Learner:
         return results
 
     def summary(self) -> Summary:
-        s, c = self.s, self.s.counters
-        wall = c["train_seconds"] + (time.perf_counter() - s.started)
-        keys = ("windows_read", "tokens_streamed", "tokens_scored", "tokens_trained", "selected",
-                "skipped_by_selection", "replayed", "general_replayed", "shifts", "consolidations",
-                "reptile_steps", "nonfinite_skipped", "replaced_by_replay", "rehearsed")  # fmt: skip
-        return Summary(
-            run_dir=str(s.run_dir),
-            steps=s.step,
-            bad_inputs_skipped=s.source_stats.skipped_count,
-            buffer_rows=len(s.buffer) if s.buffer else 0,
-            wall_seconds=wall,
-            train_tokens_per_s=c["tokens_trained"] / wall if wall > 0 else 0.0,
-            eval_first=s.eval_first or {},
-            eval_last=s.eval_last or {},
-            **{k: c[k] for k in keys},
-        )
+        return summarize(self.s)
