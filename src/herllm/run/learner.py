@@ -307,8 +307,7 @@ class Learner:
         score = self.cfg.select.scores == "step" and self.scores_needed()
         base = s.detector is not None and self.cfg.shift.reps == "base"
         # DDP-wrapped on N processes: gradients are averaged
-        out = s.engine.train_model(**batch, **({"output_hidden_states": True}
-                                               if score and not base else {}))  # fmt: skip
+        out = s.engine.train_model(**batch, output_hidden_states=score and not base)
         loss = self.objective(out.loss, batch) * s.ranks.loss_scale()
         skipped = s.engine.step(loss, after_backward=lambda: s.protection.after_backward(s.model),
                                 after_step=self.after_step)  # fmt: skip
