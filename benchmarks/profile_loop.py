@@ -26,8 +26,11 @@ from herllm.bench.data import cut_to_budget
 from herllm.config import build_config
 from herllm.models.load import load_base
 from herllm.run import learner as learner_module
+from herllm.run import units as units_module
 from herllm.run.learner import Learner
+from herllm.run.state import RunState
 from herllm.strategies import split_spec, strategy_overrides
+from herllm.update.protection import Protection
 
 
 def main() -> None:
@@ -102,6 +105,16 @@ PHASES = {  # the loop's phases that `--timer` times (nested ones are inside the
     "digest": (Learner, "digest"),
     "close": (learner_module, "close_unit"),
     "stabilize": (Learner, "stabilize"),
+    # inside an update
+    "update.step_scores": (learner_module, "step_scores"),
+    "update.track_losses": (Learner, "track_losses"),
+    "update.penalties": (Learner, "objective"),
+    # inside a close (and `units.mean_nll` inside stabilize's forgetting signal too)
+    "close.importance": (Protection, "consolidate"),
+    "close.key": (RunState, "unit_key"),
+    "close.adapter": (units_module, "choose_adapter"),
+    "close.snapshot": (units_module, "save_unit_snapshot"),
+    "units.mean_nll": (units_module, "mean_nll"),
 }
 
 

@@ -86,7 +86,7 @@ BAD_VALUES = [
     ("protect.consolidate_batches=0", "protect.consolidate_batches=0 must be >= 1"),
     ("shift.warmup=1", "shift.warmup=1 must be >= 2"),
     ("shift.cooldown=-1", "shift.cooldown=-1 must be >= 0"),
-    ("shift.reps=hidden", "shift.reps='hidden' is not allowed; choose one of base, model"),
+    ("shift.reps=hidden", "shift.reps='hidden' is not allowed; choose one of base, model, embed"),
     ("expand.max_adapters=1", "expand.max_adapters=1 must be >= 2"),
     ("expand.reuse_radius=0", "expand.reuse_radius=0.0 must be > 0"),
     ("expand.orth_ratio=-0.1", "expand.orth_ratio=-0.1 must be in [0, 1]"),

@@ -3,7 +3,7 @@
 Every field carries a docstring (the attribute docstring right below it); `herllm adapt --help`
 and the error messages read them. A field's own range or choices sit in its type (see
 `herllm.config.fields`), checked as the section is read; `RunConfig.validate` adds the checks
-that span fields.
+that span fields. `KnowledgeConfig` lives in `herllm.config.knowledge`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from herllm.config.fields import ConfigError, OneOf, Range, check_fields
+from herllm.config.knowledge import KnowledgeConfig
 
 
 def _selectors() -> tuple[str, ...]:
@@ -178,10 +179,12 @@ class ShiftConfig:
     """Confirmation level: how far (in standard errors) recent representations must move."""
     confirm_with_reps: bool = True
     """Require the representation statistic to confirm a score change before raising a shift."""
-    reps: Literal["base", "model"] = "base"
+    reps: Literal["base", "model", "embed"] = "base"
     """Representations the detector watches: `base` (the frozen base model's pooled last hidden
-    states, one more pass through the decoder per scored batch; training cannot read as a shift)
-    or `model` (the scoring pass's own, free, but they move as the adapters learn)."""
+    states, one more pass through the decoder per scored batch; training cannot read as a shift),
+    `model` (the scoring pass's own, free, but they move as the adapters learn: over long regions
+    that drift raises false shifts) or `embed` (the pooled input embeddings: free, and no adapter
+    moves them unless lora.target_modules adapts the embeddings; they see words, not context)."""
     rep_channel: bool = True
     """Also raise candidates when representations move away from the unit's (not only when
     scores drift): a new region with familiar difficulty is still found."""
@@ -274,36 +277,6 @@ class EvalConfig:
     """Evaluate every this many optimizer steps, and at the start and end of the run."""
     max_windows: Annotated[int, Range(ge=1)] = 64
     """Windows read per held-out file (keeps evaluation cheap)."""
-
-
-@dataclass
-class KnowledgeConfig:
-    ingest: bool = False
-    """Put every document the learner reads into the run's knowledge store
-    (RUN_DIR/knowledge.sqlite), split into passages with provenance (document id, character
-    offsets, source path); each document once, across crashes and resumes too."""
-    encoder: str = "minilm"
-    """Embedding encoder of ingested passages: `minilm`, `tiny`, `lm:PATH` or `none` (BM25
-    only); a store keeps the encoder it was first written with."""
-    scope: str = ""
-    """Scope of ingested passages and of answers' retrieval, `KIND:ID` (user, agent or run);
-    empty: `run:<run directory name>`."""
-    min_words: Annotated[int, Range(ge=1)] = 100
-    """Passages close at a paragraph end once they have this many words."""
-    max_words: Annotated[int, Range(ge=1)] = 200
-    """Passages hold at most this many words (a short tail joins the passage before)."""
-    k: Annotated[int, Range(ge=1)] = 1
-    """Passages retrieved into an answer's prompt (`herllm generate`) at most. 1 keeps an answer
-    within 30% of its time without retrieval on SmolLM2 (+20%; 3 passages: +52%, the longer
-    prompt's cost), and the store's recall@1 is 0.996 (benchmarks/bench_knowledge_latency.py,
-    bench_retrieval.py)."""
-    threshold: Annotated[float, Range(ge=-1, le=1)] = 0.3
-    """Minimum relevance of a retrieved passage (the cosine with an encoder, else BM25 over its
-    ceiling, which runs lower: about 0.1-0.5 for a match); below it a passage stays out of the
-    prompt. With MiniLM, questions about stored documents scored 0.47-0.92 and unrelated ones
-    0.00-0.24."""
-    budget: Annotated[int, Range(ge=16)] = 1024
-    """Tokens the prompt may take with its passages; the lowest-scored ones are dropped to fit."""
 
 
 @dataclass

@@ -48,10 +48,13 @@ class OpenUnit:
     seen: int = 0
     selected: int = 0
     rep_sum: np.ndarray | None = None
+    rep_count: int = 0
+    """Windows whose representations `rep_sum` adds up (0 in units saved before it: all seen)."""
     reservoir: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     """Up to `reservoir_size` windows of this unit (algorithm R): its own held-out probe."""
     reservoir_index: list[int] = field(default_factory=list)
-    """Stream index (0-based, over every window read) of each reservoir window."""
+    """Stream index of each reservoir window: the shift detector's (0-based over the windows it
+    saw); a window it did not see takes the index of the next one it sees."""
     reservoir_reps: list[np.ndarray | None] = field(default_factory=list)
     """(H,) base-model representation of each reservoir window, as the scoring pass computed it
     (`Ledger(keep_reps=True)`), so a routing key needs no base pass of its own; None where the
@@ -97,6 +100,7 @@ class Ledger:
         self.closed: dict[str, dict] = {}  # id -> {"mean_rep": ..., "reference": ...}
         self.count = 0
         self.total = 0  # windows observed over the whole stream
+        self.indexed = 0  # of them, those the shift detector saw (its sample index)
 
     # -- events -----------------------------------------------------------------------------
     def append(self, record: dict) -> None:
@@ -119,9 +123,12 @@ class Ledger:
         selected: np.ndarray,
         reps: torch.Tensor | None,
         base: bool = False,
+        detected: bool = True,
     ) -> None:
         """Account the windows (token ids, loss mask) read in the current unit; reps (B, H),
-        the base model's when `base` (then kept with the reservoir windows, if `keep_reps`)."""
+        the base model's when `base` (then kept with the reservoir windows, if `keep_reps`).
+        `detected=False`: the shift detector did not see these windows (unscored), so they
+        take the stream index of the next window it sees."""
         u = self.current
         u.seen += len(windows)
         self.total += len(windows)
@@ -129,10 +136,12 @@ class Ledger:
         if reps is not None:  # None when the loop did not score (plain fine-tuning)
             r = reps.double().sum(0).numpy()
             u.rep_sum = r if u.rep_sum is None else u.rep_sum + r
+            u.rep_count += len(reps)
         keep = self.keep_reps and base and reps is not None
         rows = reps.float().numpy() if keep else None  # (B, H)
+        self.indexed += len(windows) if detected else 0
         for k, w in enumerate(windows):  # reservoir sampling: a uniform sample of the unit
-            index = self.total - len(windows) + k
+            index = self.indexed - len(windows) + k if detected else self.indexed
             rep = rows[k].copy() if keep else None
             if len(u.reservoir) < self.reservoir_size:
                 u.reservoir.append(w)
@@ -150,7 +159,7 @@ class Ledger:
     ) -> dict:
         """Record the unit's summary; returns the record (the caller saves the snapshot)."""
         u = self.current
-        mean = u.rep_sum / max(u.seen, 1) if u.rep_sum is not None else None
+        mean = u.rep_sum / max(u.rep_count or u.seen, 1) if u.rep_sum is not None else None
         deps = self.dependencies(mean)
         record = {
             "type": "close", "unit": u.id, "opened_step": u.opened_step, "opened_tokens": u.opened_tokens,
@@ -180,13 +189,15 @@ class Ledger:
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"current": vars(self.current) if self.current else None, "closed": self.closed,
-                "count": self.count, "total": self.total, "rng": self.rng.bit_generator.state}  # fmt: skip
+                "count": self.count, "total": self.total, "indexed": self.indexed,
+                "rng": self.rng.bit_generator.state}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.current = OpenUnit(**state["current"]) if state["current"] else None
         self.closed = state["closed"]
         self.count = state["count"]
         self.total = state.get("total", 0)
+        self.indexed = state.get("indexed", self.total)  # before unscored windows: every one
         self.rng.bit_generator.state = state["rng"]
         if self.writer:
             truncate_lines(self.path, self.count)

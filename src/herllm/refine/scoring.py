@@ -20,7 +20,8 @@ class Scores:
     entropy: torch.Tensor
     """(B,) mean predictive entropy over the same positions (nats)."""
     reps: torch.Tensor
-    """(B, H) last hidden state mean-pooled over real tokens: the representation statistic."""
+    """(B, H) hidden states mean-pooled over real tokens (the last layer's, the base model's or
+    the input embeddings, as `shift.reps` says): the representation statistic."""
     tokens: int
     """Tokens scored (attention-mask sum)."""
     base: bool = False
@@ -142,45 +143,54 @@ def base_pooled_states(model, batch: dict) -> torch.Tensor:
     return _pool(hidden, mask).cpu()
 
 
+REPS = ("base", "model", "embed")
+"""Representations a scoring pass or a training step can pool (`shift.reps`)."""
+
+
+def _pooled(out, batch: dict, reps: str, n: int | None = None) -> torch.Tensor:
+    """(n, H) pooled states of a forward run with `output_hidden_states`: the last layer's
+    (`model`) or the input embeddings (`embed`: hidden_states[0], below every adapted layer)."""
+    layer = 0 if reps == "embed" else -1
+    hidden = out.hidden_states[layer].detach()[:n]
+    return _pool(hidden, batch["attention_mask"][:n]).cpu()
+
+
 @torch.inference_mode()
-def score_batch(model, batch: dict, base_reps: bool = False, entropy: bool = True) -> Scores:
+def score_batch(model, batch: dict, reps: str = "model", entropy: bool = True) -> Scores:
     """One no-grad forward pass: NLL, entropy and pooled representation of every sample.
 
-    With ``base_reps`` the representations are the base model's (adapters off, one more pass
-    through the decoder): what the inputs look like, whatever the adapters have learned. Without
+    `reps`: the last hidden state (`model`), the base model's (`base`: adapters off, one more
+    pass through the decoder: what the inputs look like, whatever the adapters have learned) or
+    the input embeddings (`embed`: no adapter changes them, and they cost nothing). Without
     ``entropy`` (nobody reads it: only shift detection does) the entropy is NaN."""
     was_training = model.training
     model.eval()
+    base = reps == "base"
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
-        output_hidden_states=not base_reps,
+        output_hidden_states=not base,
     )
     if was_training:
         model.train()
     nll, ent, _ = token_stats(out.logits, batch["labels"], entropy)
-    if base_reps:
-        reps = base_pooled_states(model, batch)
-    else:
-        reps = _pool(out.hidden_states[-1], batch["attention_mask"]).cpu()
+    pooled = base_pooled_states(model, batch) if base else _pooled(out, batch, reps)
     tokens = int(batch["attention_mask"].sum())
-    return Scores(nll=nll.cpu(), entropy=ent.cpu(), reps=reps, tokens=tokens, base=base_reps)
+    return Scores(nll=nll.cpu(), entropy=ent.cpu(), reps=pooled, tokens=tokens, base=base)
 
 
 @torch.no_grad()
-def step_scores(model, out, batch: dict, n: int, base_reps: bool = False,
+def step_scores(model, out, batch: dict, n: int, reps: str = "model",
                 entropy: bool = True) -> Scores:  # fmt: skip
     """Scores of a training batch's first `n` rows from that step's own forward `out` (run with
-    `output_hidden_states` unless ``base_reps``): the weights before the update, as a scoring
-    pass just before the step would have seen them. ``base_reps`` runs the base-model pass on
+    `output_hidden_states` unless `reps` is `base`): the weights before the update, as a
+    scoring pass just before the step would have seen them. `base` runs the base-model pass on
     those rows. No tokens are counted as scored: no extra forward over the vocabulary ran."""
     rows = {k: v[:n] for k, v in batch.items()}
     nll, ent, _ = token_stats(out.logits.detach()[:n], rows["labels"], entropy)
-    if base_reps:
-        reps = base_pooled_states(model, rows)
-    else:
-        reps = _pool(out.hidden_states[-1].detach()[:n], rows["attention_mask"]).cpu()
-    return Scores(nll=nll.cpu(), entropy=ent.cpu(), reps=reps, tokens=0, base=base_reps)
+    base = reps == "base"
+    pooled = base_pooled_states(model, rows) if base else _pooled(out, rows, reps, n)
+    return Scores(nll=nll.cpu(), entropy=ent.cpu(), reps=pooled, tokens=0, base=base)
 
 
 def batch_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:

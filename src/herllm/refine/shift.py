@@ -204,6 +204,11 @@ class ShiftDetector:
                 self._pending.reps.append(reps64[mask])
         return self._resolve(step)
 
+    @property
+    def watching(self) -> bool:
+        """A candidate shift waits for confirmation: every sample counts until it is decided."""
+        return self._pending is not None
+
     def _observe(self, x: np.ndarray, rep: Tensor | None) -> None:
         """One sample: warm-up statistics, or standardise, feed the detectors, open candidates."""
         idx = self.n_seen

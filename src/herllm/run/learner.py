@@ -202,25 +202,49 @@ class Learner:
         s.ledger.observe([(w.input_ids[: w.n_tokens], w.loss_mask[: w.n_tokens]) for w in windows],
                          chosen, scores.reps, base=scores.base)  # fmt: skip
         self.remember(windows, scores.nll.numpy(), step=s.step)
-        c = s.counters
-        c["windows_read"] += len(windows)
-        c["tokens_streamed"] += sum(w.n_tokens for w in windows)
-        c["tokens_scored"] += scores.tokens
-        c["selected"] += int(chosen.sum())
-        c["skipped_by_selection"] += int((~chosen).sum())
+        self.count_read(windows, scores.tokens, int(chosen.sum()))
         return chosen
 
+    def digest_unscored(self, windows: list[Experience], estimate: float) -> None:
+        """Windows of every rank that no forward scored: unseen by the detector, in the buffer
+        at `estimate` (the mean loss of those trained beside them), read and selected."""
+        s = self.s
+        s.ledger.observe([(w.input_ids[: w.n_tokens], w.loss_mask[: w.n_tokens]) for w in windows],
+                         np.ones(len(windows), bool), None, detected=False)  # fmt: skip
+        self.remember(windows, np.full(len(windows), estimate), step=s.step)
+        self.count_read(windows, 0, len(windows))
+
+    def count_read(self, windows: list[Experience], scored_tokens: int, selected: int) -> None:
+        c = self.s.counters
+        c["windows_read"] += len(windows)
+        c["tokens_streamed"] += sum(w.n_tokens for w in windows)
+        c["tokens_scored"] += scored_tokens
+        c["selected"] += selected
+        c["skipped_by_selection"] += len(windows) - selected
+
     def digest_trained(self, new: list[Experience], n_trained: int) -> None:
-        """`select.scores=step`: digest this rank's new windows after the step that trained
-        the first `n_trained` of them, with that step's scores; the rest (left out by
-        `replay.mode=replace`) are scored by a pass. Then every rank's, as `digest` does."""
+        """`select.scores=step`: every rank's new windows, after the step that trained the first
+        `n_trained` (with its scores). Those `replay.mode=replace` left out are scored by a pass
+        while the detector confirms a candidate (it then sees every window), else go unscored."""
+        s = self.s
         step = self.trained_scores
         fresh = step is not None and len(step) == n_trained  # not after a skipped step
         again = self.score([] if fresh else new[:n_trained])  # every rank calls `score` alike
-        scores = (step if fresh else again).cat(self.score(new[n_trained:]))
-        windows, scores, _ = self.s.ranks.gather_scored(new, scores)
+        windows, scores, _ = s.ranks.gather_scored(new[:n_trained], step if fresh else again)
         if windows:
             self.digest(windows, scores)
+        left = new[n_trained:]
+        if not s.ranks.any_true(bool(left)):
+            return
+        if s.ranks.broadcast(s.detector is not None and s.detector.watching):
+            windows, scores, _ = s.ranks.gather_scored(left, self.score(left))
+            if windows:
+                self.digest(windows, scores)
+            return
+        none = torch.full((len(left),), float("nan"))
+        left, _, _ = s.ranks.gather_scored(left, Scores(none, none, None, 0))
+        nll = scores.nll[torch.isfinite(scores.nll)] if windows else torch.zeros(0)
+        self.digest_unscored(left, float(nll.mean()) if len(nll) else float("nan"))
 
     def make_room(self, new: list[Experience], n_replayed: int) -> list[Experience]:
         """`replay.mode=replace`: keep as many new windows as leave room for `n_replayed` rows
@@ -252,12 +276,13 @@ class Learner:
         """No-grad scores of new windows, when something uses them (selection, shift detection,
         priority replay, knowledge units); plain fine-tuning and uniform replay skip the pass."""
         s, cfg = self.s, self.cfg
-        base = s.detector is not None and cfg.shift.reps == "base"
+        reps = cfg.shift.reps if s.detector is not None else "model"
+        base = reps == "base"
         if self.scores_needed() and s.ranks.forward_together(bool(windows)):
             # with an FSDP-sharded base a rank without windows runs a placeholder pass; the
             # entropy is a detector channel, and nothing else reads it
             rows = windows or [s.placeholder_window()]
-            scores = score_batch(s.model, s.to_device(to_batch(rows)), base_reps=base,
+            scores = score_batch(s.model, s.to_device(to_batch(rows)), reps=reps,
                                  entropy=s.detector is not None)  # fmt: skip
             if windows:
                 return scores
@@ -305,7 +330,8 @@ class Learner:
         batch = s.to_device(to_batch(exps or [s.placeholder_window()]))
         s.engine.train_model.train()
         score = self.cfg.select.scores == "step" and self.scores_needed()
-        base = s.detector is not None and self.cfg.shift.reps == "base"
+        reps = self.cfg.shift.reps if s.detector is not None else "model"
+        base = reps == "base"
         # DDP-wrapped on N processes: gradients are averaged
         out = s.engine.train_model(**batch, output_hidden_states=score and not base)
         loss = self.objective(out.loss, batch) * s.ranks.loss_scale()
@@ -318,10 +344,11 @@ class Learner:
         # with an FSDP-sharded base a rank without new rows runs the base pass on its
         # placeholder row too (every rank takes part in a forward) and drops the result
         if score and (s.ranks.forward_together(bool(new)) if base else new):
-            scores = step_scores(s.model, out, batch, max(len(new), 1), base_reps=base,
+            scores = step_scores(s.model, out, batch, max(len(new), 1), reps=reps,
                                  entropy=s.detector is not None)  # fmt: skip
             self.trained_scores = scores if new else None
-        self.track_losses(out.logits.detach(), batch["labels"], len(new), replay)
+        known = self.trained_scores.nll if self.trained_scores is not None else None
+        self.track_losses(out.logits.detach(), batch["labels"], len(new), replay, known)
         own = sum(e.key.startswith(REHEARSAL_KEY) for e in general)
         tokens, n_replay, n_general, n_own = s.ranks.sum(
             int(batch["attention_mask"].sum()) if real else 0, len(replay), len(general), own
@@ -353,8 +380,9 @@ class Learner:
             s.counters["reptile_steps"] += 1
             s.engine.weights_written()
 
-    def track_losses(self, logits, labels, n_new: int, replay: list) -> None:
-        """Per-sample losses feed priority refresh and the stability signals (EMAs)."""
+    def track_losses(self, logits, labels, n_new: int, replay: list, known=None) -> None:
+        """Per-sample losses feed priority refresh and the stability signals (EMAs). `known`:
+        the new rows' losses where the step's scores already hold them (not computed again)."""
         s = self.s
         refresh = (
             self.cfg.replay.policy == "priority"
@@ -363,7 +391,11 @@ class Learner:
         )
         if not (refresh or (s.protection.regs and self.cfg.protect.dynamic)):
             return  # nobody needs them: keep the step as cheap as a bare training step
-        nll = sample_nll(logits[: n_new + len(replay)], labels[: n_new + len(replay)])  # (n,)
+        n = n_new + len(replay)
+        if known is not None and len(known) == n_new:
+            nll = torch.cat([known.to(logits.device), sample_nll(logits[n_new:n], labels[n_new:n])])
+        else:
+            nll = sample_nll(logits[:n], labels[:n])  # (n,)
         s.stability.update(*s.ranks.new_and_replay_loss(nll, n_new))  # over the global batch
         if refresh:  # rank 0 writes the scores of every rank's replayed rows
             s.ranks.update_scores(s.buffer, [r.row_id for r in replay], nll[n_new:].cpu().tolist())
