@@ -98,6 +98,11 @@ register_strategy("her", "uncertainty selection + priority replay + general repl
                    "replay.ratio=0.125", "replay.general_ratio=0.125", "replay.rehearsal=chat",
                    "protect.regularizers=[mas]",
                    *_SHIFT, "expand.grow=true", "expand.init=current", "expand.orth_ratio=0"))  # fmt: skip
+register_strategy("her-step", "her at lower cost: every window's scores from its training step (no "
+                  "scoring pass, no selection), the detector on input embeddings, replay in place "
+                  "of new rows (naive's tokens)",
+                  (*STRATEGIES["her"].overrides, "select.policy=all", "select.scores=step",
+                   "shift.reps=embed", "replay.mode=replace"))  # fmt: skip
 
 
 def get_strategy(name: str) -> Strategy:

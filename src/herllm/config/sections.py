@@ -102,7 +102,9 @@ class SelectConfig:
     """Where new experiences' scores come from: `pass`, a no-grad forward over each window before
     it is trained (selection can skip it); `step`, the training step's own forward (no extra
     pass; needs select.policy=all), so detection, the ledger and the buffer see a window one step
-    later. Windows that `replay.mode=replace` leaves out are still scored by a pass."""
+    later. Windows that `replay.mode=replace` leaves out are scored by a pass only while the
+    detector confirms a candidate shift. Pair it with shift.reps=embed: with `model` the
+    representations drift as the adapter learns and raise false shifts on long regions."""
 
 
 @dataclass
