@@ -24,7 +24,8 @@ def test_every_registered_strategy_builds_a_valid_config(name):
 
 def test_report_order_is_reference_rows_then_registration_order():
     assert (
-        strategy_order() == "base joint hf-peft naive replay ewc mas si lwf mer olora her her-step".split()
+        strategy_order()
+        == "base joint hf-peft naive replay ewc mas si lwf mer olora her her-step".split()
     )
     assert strategy_order()[: len(REFERENCE)] == list(REFERENCE)
 
