@@ -143,10 +143,6 @@ def base_pooled_states(model, batch: dict) -> torch.Tensor:
     return _pool(hidden, mask).cpu()
 
 
-REPS = ("base", "model", "embed")
-"""Representations a scoring pass or a training step can pool (`shift.reps`)."""
-
-
 def _pooled(out, batch: dict, reps: str, n: int | None = None) -> torch.Tensor:
     """(n, H) pooled states of a forward run with `output_hidden_states`: the last layer's
     (`model`) or the input embeddings (`embed`: hidden_states[0], below every adapted layer)."""

@@ -199,28 +199,23 @@ class Learner:
             if event is not None:  # close, consolidate, pick the adapter, open next
                 close_unit(s, event, windows, scores.reps if scores.base else None)
         chosen = s.selector.select(scores.nll.numpy())
-        s.ledger.observe([(w.input_ids[: w.n_tokens], w.loss_mask[: w.n_tokens]) for w in windows],
-                         chosen, scores.reps, base=scores.base)  # fmt: skip
-        self.remember(windows, scores.nll.numpy(), step=s.step)
-        self.count_read(windows, scores.tokens, int(chosen.sum()))
+        self.record(windows, chosen, scores.nll.numpy(), scores)
         return chosen
 
-    def digest_unscored(self, windows: list[Experience], estimate: float) -> None:
-        """Windows of every rank that no forward scored: unseen by the detector, in the buffer
-        at `estimate` (the mean loss of those trained beside them), read and selected."""
-        s = self.s
+    def record(self, windows: list[Experience], chosen, nll, scores: Scores | None) -> None:
+        """The ledger, the replay buffer (at `nll`) and the counters for windows of every rank
+        read; `scores` None: unscored windows, which the detector did not see."""
+        s, c = self.s, self.s.counters
+        reps = scores.reps if scores is not None else None
         s.ledger.observe([(w.input_ids[: w.n_tokens], w.loss_mask[: w.n_tokens]) for w in windows],
-                         np.ones(len(windows), bool), None, detected=False)  # fmt: skip
-        self.remember(windows, np.full(len(windows), estimate), step=s.step)
-        self.count_read(windows, 0, len(windows))
-
-    def count_read(self, windows: list[Experience], scored_tokens: int, selected: int) -> None:
-        c = self.s.counters
+                         chosen, reps, base=scores is not None and scores.base,
+                         detected=scores is not None)  # fmt: skip
+        self.remember(windows, nll, step=s.step)
         c["windows_read"] += len(windows)
         c["tokens_streamed"] += sum(w.n_tokens for w in windows)
-        c["tokens_scored"] += scored_tokens
-        c["selected"] += selected
-        c["skipped_by_selection"] += len(windows) - selected
+        c["tokens_scored"] += scores.tokens if scores is not None else 0
+        c["selected"] += int(chosen.sum())
+        c["skipped_by_selection"] += int((~chosen).sum())
 
     def digest_trained(self, new: list[Experience], n_trained: int) -> None:
         """`select.scores=step`: every rank's new windows, after the step that trained the first
@@ -244,7 +239,8 @@ class Learner:
         none = torch.full((len(left),), float("nan"))
         left, _, _ = s.ranks.gather_scored(left, Scores(none, none, None, 0))
         nll = scores.nll[torch.isfinite(scores.nll)] if windows else torch.zeros(0)
-        self.digest_unscored(left, float(nll.mean()) if len(nll) else float("nan"))
+        estimate = float(nll.mean()) if len(nll) else float("nan")  # of those trained beside them
+        self.record(left, np.ones(len(left), bool), np.full(len(left), estimate), None)
 
     def make_room(self, new: list[Experience], n_replayed: int) -> list[Experience]:
         """`replay.mode=replace`: keep as many new windows as leave room for `n_replayed` rows
