@@ -166,7 +166,7 @@ class Asker:
 
     def row(self, name: str, user: str, in_context: bool = False, progress=print) -> dict:
         from herllm.evaluate.knowledge import exact_match
-        from herllm.memory.knowledge.consolidate import render
+        from herllm.memory.knowledge.distil import render
 
         c, t0, out = self.client(user), time.perf_counter(), []
         for i, (d, kind, prefix, target) in enumerate(self.probes):

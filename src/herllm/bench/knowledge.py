@@ -37,13 +37,11 @@ from herllm.bench.knowledge_probes import KINDS, Prober, summarize_probes
 from herllm.errors import UserError
 from herllm.memory.knowledge.consolidate import (
     consolidate,
-    encode,
     finetune_passages,
-    render,
     retention_nll,
-    sample_batches,
     stable_items,
 )  # fmt: skip
+from herllm.memory.knowledge.distil import encode, render, sample_batches
 
 LEARNER_ROWS = ("naive", "replay", "her")
 
@@ -66,14 +64,25 @@ class KnowledgeBenchConfig:
     """Retrieval encoder of the store (minilm, tiny, lm:PATH, or none for BM25 only)."""
     k: int = 3
     """Passages retrieved into the prompt."""
-    consolidate_passes: int = 3
+    consolidate_passes: int = 4
     """Passes over the teacher's samples per consolidation."""
     prompts: int = 8
     """Teacher prompts per item."""
     new_tokens: int = 32
     """Tokens the teacher generates per prompt."""
-    consolidate_lr: float = 3e-4
-    """Learning rate of consolidation (at 1e-3 on SmolLM2 the gate rejected every one)."""
+    whole: bool = True
+    """Distil on each item's passage itself too."""
+    shuffles: int = 2
+    """Versions of each passage with its sentences reordered, distilled on."""
+    rewrites: int = 4
+    """Texts the teacher writes about each item (sampled), distilled on."""
+    rewrite_tokens: int = 160
+    """Tokens of each rewrite."""
+    anchor_windows: int = 64
+    """General windows (train split, after the gate's) that consolidation may train toward the
+    model as it was before it, beside the items' samples (about 0.3 of their tokens)."""
+    consolidate_lr: float = 1e-3
+    """Learning rate of consolidation."""
     tolerance: float = 0.02
     """Consolidation gate: largest relative NLL rise allowed on the retention sets."""
     lr: float = 1e-3
@@ -89,7 +98,8 @@ class KnowledgeBenchConfig:
 
 QUICK = {"model": "herllm-tiny", "docs": 4, "orders": 1, "passes": 2, "encoder": "none",
          "prompts": 4, "new_tokens": 16, "general_windows": 4, "latency_probes": 4,
-         "consolidate_lr": 1e-3}  # fmt: skip
+         "consolidate_passes": 2, "shuffles": 1, "rewrites": 2, "rewrite_tokens": 48,
+         "anchor_windows": 16}  # fmt: skip
 """`--quick`: herllm-tiny, 4 documents, 1 order, 2 passes, BM25, small consolidation."""
 
 
@@ -124,9 +134,9 @@ def load_documents(path: str) -> list[dict]:
 class OrderRun:
     """Every row over one document order; quarter q ends after ``ends[q]`` documents."""
 
-    def __init__(self, bc, docs, order, k, tokenizer, general, gate):
+    def __init__(self, bc, docs, order, k, tokenizer, general, gate, anchor=()):
         self.bc, self.docs, self.order, self.k = bc, docs, order, k
-        self.tok, self.general, self.gate = tokenizer, general, gate
+        self.tok, self.general, self.gate, self.anchor = tokenizer, general, gate, anchor
         self.prober = Prober(tokenizer, docs)
         n = len(order)
         self.ends = sorted({max(1, round(n * q / 4)) for q in range(1, 5)})
@@ -239,11 +249,15 @@ class OrderRun:
             res = consolidate(model, self.tok, store, items, run_dir=run, retention=retention,
                               passes=self.bc.consolidate_passes, lr=self.bc.consolidate_lr,
                               prompts=self.bc.prompts, new_tokens=self.bc.new_tokens,
-                              tolerance=self.bc.tolerance, seed=self.bc.seed + q)  # fmt: skip
+                              whole=self.bc.whole, shuffles=self.bc.shuffles,
+                              rewrites=self.bc.rewrites, rewrite_tokens=self.bc.rewrite_tokens,
+                              anchor=self.anchor, tolerance=self.bc.tolerance,
+                              seed=self.bc.seed + q)  # fmt: skip
             tokens += res.tokens_trained if res.accepted else 0
             budgets.append(res.tokens_trained)
             if res.accepted:
-                earlier += sample_batches(res.samples, self.tok.pad_token_id)
+                kept = res.samples[:: max(1, len(res.samples) // 16)]  # about 16 a consolidation
+                earlier += sample_batches(kept, self.tok.pad_token_id)
             log.append({k: v for k, v in asdict(res).items() if k != "samples"})
             self.evaluate(model, q, retrieve, out["knowledge+consolidate"]["quarters"])
             self.evaluate(model, q, None, out["consolidated"]["quarters"])
@@ -328,13 +342,17 @@ def run_knowledge_bench(
     _, tok = load_base(ModelConfig(name_or_path=bc.model))
     general = pack_batches(corpus_docs("general", "test"), tok, bc.seq_len, bc.general_windows)
     gate = pack_batches(corpus_docs("general", "train"), tok, bc.seq_len, bc.general_windows)
+    more = pack_batches(
+        corpus_docs("general", "train"), tok, bc.seq_len, bc.general_windows + bc.anchor_windows
+    )  # the gate's, then the anchor's
+    anchor = [w.tolist() for b in more for w in b["input_ids"]][bc.general_windows :]
     results = {"scenario": "knowledge", "date": time.strftime("%Y-%m-%d %H:%M"), "command": command,
                "config": asdict(bc), "machine": machine_info(measure_matmul_peak()), "runs": []}  # fmt: skip
     for k in range(bc.orders):
         order = list(range(len(docs)))
         if k:
             random.Random(bc.seed + k).shuffle(order)
-        run = OrderRun(bc, docs, order, k, tok, general, gate)
+        run = OrderRun(bc, docs, order, k, tok, general, gate, anchor)
         done: dict[str, dict] = {}
         for row in rows:
             if row in done:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from herllm.evaluate.knowledge import exact_match, recall_at_k, target_nll
-from herllm.memory.knowledge.consolidate import encode, render
+from herllm.memory.knowledge.distil import encode, render
 
 KINDS = ("mem", "gen", "hard_gen")
 

@@ -107,8 +107,12 @@ def write_report(out: Path, results: dict) -> Path:
         f"- machine: {mach['platform']}, {mach['cpus']} CPUs, torch {mach['torch']}, {mach['device']}",
         f"- model {cfg['model']}; {cfg['docs']} documents, {cfg['orders']} order(s), "
         f"P={cfg['passes']} passes; retrieval k={cfg['k']} ({cfg['encoder']}); consolidation "
-        f"{cfg['consolidate_passes']} passes over {cfg['prompts']} teacher prompts x "
-        f"{cfg['new_tokens']} tokens per item, gate tolerance {cfg['tolerance']:.0%}", "",
+        f"{cfg['consolidate_passes']} passes at lr {cfg['consolidate_lr']:g} over, per item, "
+        f"{cfg['prompts']} teacher continuations x {cfg['new_tokens']} tokens"
+        f"{', the passage' if cfg.get('whole') else ''}, {cfg.get('shuffles', 0)} reorderings, "
+        f"{cfg.get('rewrites', 0)} rewrites x {cfg.get('rewrite_tokens', 0)} tokens, and general "
+        f"anchor windows (up to {cfg.get('anchor_windows', 0)}); gate tolerance "
+        f"{cfg['tolerance']:.0%}", "",
         "EM: exact match of the greedy continuation (folded) after the whole stream; NLL: target "
         "nats/token; general Δ: held-out general NLL minus the base's; earlier EM drop: relative "
         "drop of the first quarter's documents' mem+para EM from the first to the last quarter.", "",

@@ -15,12 +15,10 @@ from herllm.memory.knowledge.consolidate import (
     consolidate,
     live_consolidations,
     load_adapter_state,
-    passage_prompts,
-    render,
     rollback_consolidation,
     stable_items,
-    topk_kl,
 )
+from herllm.memory.knowledge.distil import passage_prompts, render, topk_kl
 from herllm.memory.knowledge.forget import forget_from_weights
 from herllm.models.load import attach_lora, load_base
 
@@ -57,6 +55,18 @@ def test_topk_kl_is_zero_at_the_teacher_and_positive_elsewhere():
     top, idx = logits.log_softmax(-1).topk(4)
     assert float(topk_kl(top, idx, logits)) == pytest.approx(0.0, abs=1e-6)
     assert float(topk_kl(top, idx, torch.zeros(1, 4))) > 0.1
+    # top-2 of 4: zero at the teacher still, and positive for a student that moves the rest's
+    # mass onto the top-2 (a renormalised top-k KL would score that student 0)
+    top2, idx2 = logits.log_softmax(-1).topk(2)
+    assert float(topk_kl(top2, idx2, logits)) == pytest.approx(0.0, abs=1e-6)
+    sure = torch.tensor([[2.0, 1.0, -30.0, -30.0]])
+    assert float(topk_kl(top2, idx2, sure)) > 0.05
+    exact = sum(
+        p * (p / q).log()
+        for p, q in zip(logits.softmax(-1)[0], sure.softmax(-1)[0], strict=True)
+        if p > 0
+    )  # the KL of the full rows, for comparison: the bucket only merges
+    assert float(topk_kl(top2, idx2, sure)) <= float(exact) + 1e-6
 
 
 def test_render_puts_the_passage_only_in_the_teacher_input(tiny):

@@ -69,8 +69,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         "consolidate", parents=[common], help="distil stable items into the run's adapter"
     )
     cons.add_argument("--min-retrievals", type=int, default=1, help="stable: retrieved >= N")
-    cons.add_argument("--passes", type=int, default=3, help="passes over the teacher's samples")
+    cons.add_argument("--passes", type=int, default=4, help="passes over the teacher's samples")
     cons.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter")
+    cons.add_argument("--rewrites", type=int, default=4, help="teacher rewrites per item")
+    cons.add_argument("--shuffles", type=int, default=2, help="reorderings of each passage")
     cons.add_argument("--tolerance", type=float, default=0.02, help="gate: max NLL rise (share)")
     cons.add_argument("--undo", metavar="ENTRY", help="roll back consolidation ENTRY instead")
     cons.set_defaults(func=cmd_consolidate)
@@ -88,7 +90,8 @@ def cmd_consolidate(args) -> int:
         return 0
     res, path = consolidate_run(
         args.run, _scope(args, required=True), min_retrievals=args.min_retrievals,
-        passes=args.passes, lr=args.lr, tolerance=args.tolerance, actor=args.actor,
+        passes=args.passes, lr=args.lr, rewrites=args.rewrites, shuffles=args.shuffles,
+        tolerance=args.tolerance, actor=args.actor,
     )  # fmt: skip
     what = f"{len(res.items)} items, KL {res.kl_before:.3f} -> {res.kl_after:.3f}"
     if args.json:

@@ -2,13 +2,16 @@
 
 For each item the TEACHER is the model as it is now (its adapter included, so earlier
 consolidations are kept) with the item's passage in its context; the STUDENT is the same model
-without the passage. The teacher continues a few prompts cut from the passage's own sentences
-(greedy, or sampled with a fixed seed); the student is trained into the LoRA adapter for a few
-passes to match the teacher's next-token distributions over those generated tokens:
+without the passage. Both read texts about the item (``distil.py``: continuations of the
+passage's sentences, the passage itself and its sentences reordered, the teacher's own rewrites);
+the student is trained into the LoRA adapter for a few passes to match the teacher's next-token
+distributions over them:
 
-    loss = KL(teacher || student), teacher truncated to its top-k tokens and renormalised
+    loss = KL(teacher || student) over the teacher's top-k tokens and one bucket for the rest
 
-(a 49k vocabulary stays cheap: k log-probs per position are kept, not the full rows).
+(a 49k vocabulary stays cheap: k log-probs per position are kept, not the full rows). General
+``anchor`` windows, whose teacher is the model before the consolidation, are mixed into the
+batches so that general text stays where it was.
 
 Gate: held-out retention sets (general text, earlier consolidations' samples) are measured before
 and after; when one's NLL rises by more than ``tolerance`` (relative), the adapter weights are
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,148 +39,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from herllm.errors import UserError
-from herllm.memory.knowledge.prompt import HEADER
+from herllm.memory.knowledge.distil import (
+    Sample,
+    _pad,
+    anchor_samples,
+    batch_kl,
+    encode,
+    student_kl,
+    teacher_samples,
+)
 from herllm.memory.knowledge.records import Item
-
-CONTINUE = "Continue the text."
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
-
-
-# ---- prompts ---------------------------------------------------------------------------------
-
-
-def render(tokenizer, prompt: str, passages: Sequence[str] = ()) -> str:
-    """The model input that continues ``prompt`` with ``passages`` as known facts: in the system
-    message of the chat template (the assistant's turn starts with ``prompt``), or without a
-    template as the plain preamble of :func:`build_prompt`."""
-    facts = "\n".join([HEADER, *(f"- {' '.join(p.split())}" for p in passages)])
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": facts}] if passages else []
-        messages.append({"role": "user", "content": CONTINUE})
-        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return head + prompt
-    return f"{facts}\n\n{prompt}" if passages else prompt
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of a rendered input (a chat template already wrote its special tokens)."""
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not chat and tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
-    return ids
-
-
-def passage_prompts(text: str, n: int, cut: float = 0.4) -> list[str]:
-    """Up to ``n`` prompts: the first ``cut`` of the words of evenly spaced sentences."""
-    sentences = [s for s in _SENTENCE.split(" ".join(text.split())) if len(s.split()) >= 4]
-    if not sentences:
-        return [" ".join(text.split()[:8])]
-    step = max(1, len(sentences) / n)
-    picked = [sentences[int(i * step)] for i in range(min(n, len(sentences)))]
-    return [" ".join(s.split()[: max(2, int(len(s.split()) * cut))]) for s in picked]
-
-
-# ---- the distillation signal -------------------------------------------------------------------
-
-
-@dataclass
-class Sample:
-    """One generated continuation: the student's ids, and the teacher's top-k at its tokens."""
-
-    student_ids: list[int]
-    gen_start: int
-    """Index in ``student_ids`` of the first generated token."""
-    top_logp: torch.Tensor  # (G, k) teacher log-probs over its top-k, renormalised
-    top_idx: torch.Tensor  # (G, k) their token ids
-
-
-def topk_kl(top_logp: torch.Tensor, top_idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(teacher_topk || student): ``sum_k p_k (log p_k - log q_k)``
-    with p the teacher renormalised over its top-k and q the student's full softmax (so the
-    value is >= 0, and 0 only when the student puts the teacher's top-k mass there).
-    top_logp, top_idx: (G, k); logits: (G, V)."""
-    student = F.log_softmax(logits.float(), dim=-1).gather(-1, top_idx)  # (G, k)
-    return (top_logp.exp() * (top_logp - student)).sum(-1).mean()
-
-
-@torch.no_grad()
-def _generate(model, ids: list[int], new_tokens: int, sample: bool, pad_id: int) -> list[int]:
-    x = torch.tensor([ids], device=model.device)
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                         do_sample=sample, top_k=50 if sample else None, temperature=None,
-                         top_p=None, pad_token_id=pad_id, use_cache=True)  # fmt: skip
-    return out[0, len(ids) :].tolist()
-
-
-@torch.no_grad()
-def teacher_samples(model, tokenizer, passage: str, *, prompts: int = 8, new_tokens: int = 32,
-                    topk: int = 32, sample: bool = False, seed: int = 0) -> list[Sample]:  # fmt: skip
-    """The teacher (``model`` with ``passage`` in context) continues prompts from the passage."""
-    model.eval()
-    out = []
-    for j, prompt in enumerate(passage_prompts(passage, prompts)):
-        torch.manual_seed(seed + j)
-        teacher = encode(tokenizer, render(tokenizer, prompt, [passage]))
-        gen = _generate(model, teacher, new_tokens, sample, tokenizer.pad_token_id)
-        if not gen:
-            continue
-        full = torch.tensor([teacher + gen], device=model.device)
-        logits = model(input_ids=full).logits[0, len(teacher) - 1 : -1]  # (G, V)
-        top, idx = logits.float().log_softmax(-1).topk(min(topk, logits.shape[-1]), dim=-1)
-        top = top - top.logsumexp(-1, keepdim=True)  # renormalised over the top-k
-        student = encode(tokenizer, render(tokenizer, prompt))
-        out.append(Sample(student + gen, len(student), top.cpu(), idx.cpu()))
-    return out
-
-
-def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def batch_kl(model, samples: list[Sample], pad_id: int) -> torch.Tensor:
-    """Mean top-k KL of the student over a batch of samples (with grad when training)."""
-    ids, mask = _pad([s.student_ids for s in samples], pad_id, model.device)
-    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-    losses = []
-    for i, s in enumerate(samples):
-        g = s.top_idx.shape[0]
-        rows = logits[i, s.gen_start - 1 : s.gen_start - 1 + g]  # (G, V)
-        losses.append(topk_kl(s.top_logp.to(rows.device), s.top_idx.to(rows.device), rows))
-    return torch.stack(losses).mean()
-
-
-@torch.no_grad()
-def student_kl(model, samples: list[Sample], pad_id: int, batch_size: int = 8) -> float:
-    """Mean KL(teacher || student) over ``samples``, no grad."""
-    was = model.training
-    model.eval()
-    parts = [
-        float(batch_kl(model, samples[i : i + batch_size], pad_id)) * len(samples[i : i + batch_size])
-        for i in range(0, len(samples), batch_size)
-    ]  # fmt: skip
-    model.train(was)
-    return sum(parts) / max(len(samples), 1)
-
-
-def sample_batches(samples: list[Sample], pad_id: int, batch_size: int = 8) -> list[dict]:
-    """Samples as LM batches (labels on the generated tokens): an earlier-units retention set."""
-    out = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        ids, mask = _pad([s.student_ids for s in chunk], pad_id, "cpu")
-        labels = torch.full_like(ids, -100)
-        for j, s in enumerate(chunk):
-            labels[j, s.gen_start : len(s.student_ids)] = ids[j, s.gen_start : len(s.student_ids)]
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
-
 
 # ---- adapter weights -------------------------------------------------------------------------
 
@@ -242,6 +112,17 @@ class ConsolidationResult:
     samples: list[Sample] = field(default_factory=list, repr=False)
 
 
+def _take(rows: Sequence[Sequence[int]], tokens: float) -> list:
+    """The first ``rows`` until they hold ``tokens`` tokens (the one that crosses included)."""
+    out, have = [], 0
+    for r in rows:
+        if have >= tokens:
+            break
+        out.append(r)
+        have += len(r)
+    return out
+
+
 def _entry_id(run_dir: Path) -> str:
     ledger = run_dir / "ledger.jsonl"
     lines = ledger.read_text(encoding="utf-8").splitlines() if ledger.is_file() else []
@@ -256,39 +137,55 @@ def consolidate(
     items: Sequence[Item],
     *,
     run_dir: str | Path,
-    passes: int = 3,
+    passes: int = 4,
     lr: float = 1e-3,
     batch_size: int = 8,
     prompts: int = 8,
     new_tokens: int = 32,
+    whole: bool = True,
+    shuffles: int = 2,
+    rewrites: int = 4,
+    rewrite_tokens: int = 160,
     topk: int = 32,
     sample: bool = False,
+    anchor: Sequence[Sequence[int]] = (),
+    anchor_share: float = 0.3,
     retention: dict[str, list[dict]] | None = None,
     tolerance: float = 0.02,
     seed: int = 0,
     actor: str = "consolidate",
 ) -> ConsolidationResult:
     """Distil ``items`` into ``model``'s trainable adapter (module doc); returns what happened.
-    ``retention``: named held-out batch lists (input_ids, attention_mask, labels) for the gate."""
+    ``prompts`` .. ``rewrite_tokens``: the texts about each item (``distil.teacher_samples``);
+    ``anchor``: general-text windows (token ids) trained toward the model as it is now, beside
+    the items' samples: the first ones, with about ``anchor_share`` of the items' tokens (all
+    of them at most); ``retention``: named held-out batch lists (input_ids, attention_mask,
+    labels) for the gate (keep them apart from ``anchor``)."""
     start, run = time.perf_counter(), Path(run_dir)
     params, pad = _trainable(model), tokenizer.pad_token_id
     samples = [s for j, it in enumerate(items) if it.text
                for s in teacher_samples(model, tokenizer, it.text, prompts=prompts,
-                                        new_tokens=new_tokens, topk=topk, sample=sample,
-                                        seed=seed + 1000 * j)]  # fmt: skip
+                                        new_tokens=new_tokens, whole=whole, shuffles=shuffles,
+                                        rewrites_n=rewrites, rewrite_tokens=rewrite_tokens,
+                                        topk=topk, sample=sample, seed=seed + 1000 * j)]  # fmt: skip
     if not samples:
         raise UserError("nothing to consolidate: the items have no text (forgotten?)")
+    own = sum(len(s.student_ids) for s in samples)  # the items' tokens
+    pool: list[Sample] = samples + anchor_samples(model, _take(anchor, anchor_share * own), topk)
     before = adapter_state(model)
     ret_before = {k: retention_nll(model, b) for k, b in (retention or {}).items()}
     kl_before = student_kl(model, samples, pad, batch_size)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng, tokens = random.Random(seed), 0
     model.train()
-    for _ in range(passes):  # a few passes over the teacher's samples
-        order = list(range(len(samples)))
-        rng.shuffle(order)
-        for i in range(0, len(order), batch_size):
-            chunk = [samples[j] for j in order[i : i + batch_size]]
+    for _ in range(passes):  # a few passes over the teacher's samples (and the anchor's)
+        order = list(range(len(pool)))
+        rng.shuffle(order)  # then batches of similar lengths (little padding), in random order
+        order.sort(key=lambda j: len(pool[j].student_ids))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        rng.shuffle(batches)
+        for batch in batches:
+            chunk = [pool[j] for j in batch]
             loss = batch_kl(model, chunk, pad)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -30,8 +30,8 @@ from herllm.run.lock import holding_run
 STORE_FILE = "knowledge.sqlite"
 
 
-def general_batches(tokenizer, windows: int = 8, seq_len: int = 128) -> list[dict]:
-    """Held-out general text for the gate, as LM batches."""
+def general_windows(tokenizer, windows: int, seq_len: int = 128) -> torch.Tensor:
+    """The first ``windows`` windows of the bundled general text (train split), (W, T)."""
     from herllm.acquire.corpus import load_documents
 
     ids: list[int] = []
@@ -39,8 +39,18 @@ def general_batches(tokenizer, windows: int = 8, seq_len: int = 128) -> list[dic
         ids += tokenizer(doc, add_special_tokens=False)["input_ids"]
         if len(ids) >= windows * seq_len:
             break
-    x = torch.tensor(ids[: windows * seq_len]).view(-1, seq_len)  # (W, T)
+    return torch.tensor(ids[: windows * seq_len]).view(-1, seq_len)
+
+
+def general_batches(tokenizer, windows: int = 8, seq_len: int = 128) -> list[dict]:
+    """Held-out general text for the gate, as LM batches."""
+    x = general_windows(tokenizer, windows, seq_len)
     return [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}]
+
+
+def anchor_windows(tokenizer, windows: int = 64, gate: int = 8, seq_len: int = 128) -> list:
+    """General windows for the anchor: the ones after the gate's, so the gate stays held out."""
+    return general_windows(tokenizer, gate + windows, seq_len)[gate:].tolist()
 
 
 def _load(run: Path):
@@ -102,6 +112,7 @@ def consolidate_run(
                 f">= {min_retrievals} times (lower --min-retrievals)"
             )
         retention = {"general": general_batches(tokenizer)}
+        kwargs.setdefault("anchor", anchor_windows(tokenizer))
         result = consolidate(model, tokenizer, store, items, run_dir=run, retention=retention,
                              **kwargs)  # fmt: skip
     return result, (_checkpoint(run, model) if result.accepted else None)
@@ -131,6 +142,7 @@ def forget_run(run_dir: str | Path, forgotten: list[str], **kwargs):
         if not absorbed_into(store, forgotten):
             return ForgetResult([], []), None
         model, tokenizer = _load(run)
+        kwargs.setdefault("anchor", anchor_windows(tokenizer))
         result = forget_from_weights(model, tokenizer, store, forgotten, run_dir=run,
                                      retention={"general": general_batches(tokenizer)}, **kwargs)  # fmt: skip
     return result, _checkpoint(run, model)
