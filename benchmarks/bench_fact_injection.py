@@ -39,7 +39,7 @@ from herllm.config import LoraConfig, ModelConfig
 from herllm.memory.knowledge import KnowledgeStore, Scope
 from herllm.memory.knowledge.consolidate import consolidate, retention_nll, stable_items
 from herllm.memory.knowledge.consolidate_run import anchor_windows
-from herllm.memory.knowledge.distil import _pad, encode, render
+from herllm.memory.knowledge.distil import encode, pad_right, render
 from herllm.models.load import attach_lora, load_base
 
 
@@ -110,7 +110,7 @@ def main() -> None:
         order = list(range(len(windows)))
         rng.shuffle(order)
         for i in range(0, len(order), 8):
-            x, m = _pad([windows[j] for j in order[i : i + 8]], tok.pad_token_id, model.device)
+            x, m = pad_right([windows[j] for j in order[i : i + 8]], tok.pad_token_id, model.device)
             loss = model(input_ids=x, attention_mask=m, labels=x.masked_fill(m == 0, -100)).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -41,10 +41,10 @@ from safetensors.torch import load_file, save_file
 from herllm.errors import UserError
 from herllm.memory.knowledge.distil import (
     Sample,
-    _pad,
     anchor_samples,
     batch_kl,
     encode,
+    pad_right,
     student_kl,
     teacher_samples,
 )
@@ -308,7 +308,7 @@ def finetune_passages(model, tokenizer, texts: Sequence[str], *, tokens: int | N
             if not chunk:
                 model.eval()
                 return done
-            ids, mask = _pad(chunk, pad, model.device)
+            ids, mask = pad_right(chunk, pad, model.device)
             labels = ids.masked_fill(mask == 0, -100)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)

@@ -246,7 +246,8 @@ def anchor_samples(model, windows: Sequence[Sequence[int]], topk: int = 32) -> l
     return out
 
 
-def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) ids and attention mask of token-id rows, on ``device``."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -258,7 +259,7 @@ def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torc
 
 def batch_kl(model, samples: list[Sample], pad_id: int) -> torch.Tensor:
     """Mean top-k KL of the student over a batch of samples (with grad when training)."""
-    ids, mask = _pad([s.student_ids for s in samples], pad_id, model.device)
+    ids, mask = pad_right([s.student_ids for s in samples], pad_id, model.device)
     logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
     losses = []
     for i, s in enumerate(samples):
@@ -287,7 +288,7 @@ def sample_batches(samples: list[Sample], pad_id: int, batch_size: int = 8) -> l
     out = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        ids, mask = _pad([s.student_ids for s in chunk], pad_id, "cpu")
+        ids, mask = pad_right([s.student_ids for s in chunk], pad_id, "cpu")
         labels = torch.full_like(ids, -100)
         for j, s in enumerate(chunk):
             labels[j, s.gen_start : len(s.student_ids)] = ids[j, s.gen_start : len(s.student_ids)]
