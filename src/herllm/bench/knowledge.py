@@ -41,7 +41,7 @@ from herllm.memory.knowledge.consolidate import (
     retention_nll,
     stable_items,
 )  # fmt: skip
-from herllm.memory.knowledge.distil import encode, render, sample_batches
+from herllm.memory.knowledge.distil import encode, render
 
 LEARNER_ROWS = ("naive", "replay", "her")
 
@@ -84,7 +84,11 @@ class KnowledgeBenchConfig:
     consolidate_lr: float = 1e-3
     """Learning rate of consolidation."""
     tolerance: float = 0.02
-    """Consolidation gate: largest relative NLL rise allowed on the retention sets."""
+    """Consolidation gate: largest relative NLL rise allowed on general text."""
+    earlier_keep: float = 0.9
+    """Consolidation gate: share of what earlier consolidations hold (check KL) to keep."""
+    replay_share: float = 0.3
+    """Earlier consolidations' samples replayed, as a share of the new items' tokens."""
     lr: float = 1e-3
     lora_r: int = 16
     seq_len: int = 128
@@ -233,7 +237,7 @@ class OrderRun:
             return [h.item.text for h in hits], [str(ids[h.item.id]) for h in hits]
 
         out = {r: {"quarters": []} for r in ("knowledge", "knowledge+consolidate", "consolidated")}
-        t0, tokens, budgets, log, earlier, done = time.perf_counter(), 0, [], [], [], 0
+        t0, tokens, budgets, log, done = time.perf_counter(), 0, [], [], 0
         for q, end in enumerate(self.ends):
             for d in self.order[done:end]:  # the documents arrive: ingest them
                 for it in store.ingest_document(self.docs[d]["train_context"], f"doc-{d}", scope):
@@ -245,19 +249,17 @@ class OrderRun:
             if not wanted & {"knowledge+consolidate", "consolidated", "passage-ft"}:
                 continue
             items = stable_items(store, scope, min_retrievals=0)
-            retention = {"general": self.gate, **({"earlier": earlier} if earlier else {})}
-            res = consolidate(model, self.tok, store, items, run_dir=run, retention=retention,
+            res = consolidate(model, self.tok, store, items, run_dir=run,
+                              retention={"general": self.gate},
                               passes=self.bc.consolidate_passes, lr=self.bc.consolidate_lr,
                               prompts=self.bc.prompts, new_tokens=self.bc.new_tokens,
                               whole=self.bc.whole, shuffles=self.bc.shuffles,
                               rewrites=self.bc.rewrites, rewrite_tokens=self.bc.rewrite_tokens,
                               anchor=self.anchor, tolerance=self.bc.tolerance,
-                              seed=self.bc.seed + q)  # fmt: skip
+                              earlier_keep=self.bc.earlier_keep,
+                              replay_share=self.bc.replay_share, seed=self.bc.seed + q)  # fmt: skip
             tokens += res.tokens_trained if res.accepted else 0
             budgets.append(res.tokens_trained)
-            if res.accepted:
-                kept = res.samples[:: max(1, len(res.samples) // 16)]  # about 16 a consolidation
-                earlier += sample_batches(kept, self.tok.pad_token_id)
             log.append({k: v for k, v in asdict(res).items() if k != "samples"})
             self.evaluate(model, q, retrieve, out["knowledge+consolidate"]["quarters"])
             self.evaluate(model, q, None, out["consolidated"]["quarters"])

@@ -13,12 +13,13 @@ from herllm.memory.knowledge import KnowledgeStore, Scope
 from herllm.memory.knowledge.consolidate import (
     adapter_state,
     consolidate,
+    earlier_samples,
     live_consolidations,
     load_adapter_state,
     rollback_consolidation,
     stable_items,
 )
-from herllm.memory.knowledge.distil import passage_prompts, render, topk_kl
+from herllm.memory.knowledge.distil import load_samples, passage_prompts, render, topk_kl
 from herllm.memory.knowledge.forget import forget_from_weights
 from herllm.models.load import attach_lora, load_base
 
@@ -162,3 +163,37 @@ def test_forgetting_a_consolidated_item_takes_it_out_of_the_weights(tiny, store,
         model, tok, store, store.forget(loose.id), run_dir=tmp_path / "a"
     ).changed
     assert all(torch.equal(adapter_state(model)[k], want[k]) for k in want)
+
+
+def test_earlier_consolidations_are_kept_replayed_and_guarded(tiny, store, tmp_path):
+    """An accepted consolidation keeps some of its samples (teacher top-k included, exactly);
+    the next one trains on a share of them beside its own and measures them; a consolidation
+    that makes the model lose what earlier ones hold is rejected and leaves the weights as they
+    were."""
+    model, tok = tiny
+    first = consolidate(model, tok, store, stable_items(store, Scope("run", "t"), min_retrievals=0),
+                        run_dir=tmp_path, **KW)  # fmt: skip
+    kept, meta = load_samples(tmp_path / "consolidations" / "cons-0001" / "samples.safetensors")
+    assert kept[0].student_ids == first.samples[0].student_ids
+    assert torch.equal(kept[0].top_logp, first.samples[0].top_logp)
+    assert torch.equal(kept[0].top_idx, first.samples[0].top_idx)
+    check, unlearned, replay = earlier_samples(tmp_path)
+    assert len(check) + len(replay) == len(kept) and check and replay
+    assert unlearned == float(meta["check_kl"]) > 0
+    other = [store.add(OTHER, scope=Scope("run", "t"), doc_id="vell")]
+    second = consolidate(model, tok, store, other, run_dir=tmp_path, replay_share=0.3, **KW)
+    own = sum(len(s.student_ids) for s in second.samples)
+    replayed = second.tokens_trained // KW["passes"] - own  # no anchor: the rest is replay
+    longest = max(len(s.student_ids) for s in replay)
+    assert 0.3 * own <= replayed < 0.3 * own + longest, (own, replayed)
+    assert second.accepted and "earlier_kl" in second.retention_after
+    # two consolidations live now: both are checked, and a wrecking one is refused for them
+    assert len(earlier_samples(tmp_path)[0]) > len(check)
+    before = adapter_state(model)
+    third = [store.add(GENERAL, scope=Scope("run", "t"), doc_id="cat")]
+    res = consolidate(model, tok, store, third, run_dir=tmp_path, passes=2, lr=1.0,
+                      earlier_keep=1.0, replay_share=0.0)  # fmt: skip
+    assert not res.accepted and "earlier consolidations" in res.reason
+    assert res.retention_after["earlier_kl"] > res.retention_before["earlier_kl"]
+    assert all(torch.equal(adapter_state(model)[k], before[k]) for k in before)
+    assert [r["entry"] for r in live_consolidations(tmp_path)] == ["cons-0001", "cons-0002"]

@@ -74,6 +74,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     cons.add_argument("--rewrites", type=int, default=4, help="teacher rewrites per item")
     cons.add_argument("--shuffles", type=int, default=2, help="reorderings of each passage")
     cons.add_argument("--tolerance", type=float, default=0.02, help="gate: max NLL rise (share)")
+    cons.add_argument("--earlier-keep", type=float, default=0.9,
+                      help="gate: share of what earlier consolidations hold to keep")  # fmt: skip
+    cons.add_argument("--replay-share", type=float, default=0.3,
+                      help="earlier consolidations' samples replayed (share of the new tokens)")  # fmt: skip
     cons.add_argument("--undo", metavar="ENTRY", help="roll back consolidation ENTRY instead")
     cons.set_defaults(func=cmd_consolidate)
     return knowledge
@@ -91,7 +95,8 @@ def cmd_consolidate(args) -> int:
     res, path = consolidate_run(
         args.run, _scope(args, required=True), min_retrievals=args.min_retrievals,
         passes=args.passes, lr=args.lr, rewrites=args.rewrites, shuffles=args.shuffles,
-        tolerance=args.tolerance, actor=args.actor,
+        tolerance=args.tolerance, earlier_keep=args.earlier_keep, replay_share=args.replay_share,
+        actor=args.actor,
     )  # fmt: skip
     what = f"{len(res.items)} items, KL {res.kl_before:.3f} -> {res.kl_after:.3f}"
     if args.json:

@@ -13,12 +13,20 @@ distributions over them:
 ``anchor`` windows, whose teacher is the model before the consolidation, are mixed into the
 batches so that general text stays where it was.
 
-Gate: held-out retention sets (general text, earlier consolidations' samples) are measured before
-and after; when one's NLL rises by more than ``tolerance`` (relative), the adapter weights are
-restored exactly and the consolidation is reported as rejected. An accepted one is a ledger entry
-(``RUN/ledger.jsonl``, type ``consolidation``) with the adapter weights before and after it
-(``RUN/consolidations/<entry>/``), so :func:`rollback_consolidation` restores them bit-exactly;
-its items are marked with ``store.set_consolidated(item_id, entry)``.
+Earlier consolidations: each accepted one keeps up to 48 of its samples (with their teacher's
+top-k) in its snapshot folder. A quarter of them CHECK that its facts are still held, the rest
+are REPLAYED beside later consolidations' samples (about ``replay_share`` of their tokens), so
+what was distilled before keeps being trained toward the teacher it had.
+
+Gate: held-out general text (``retention``, token-weighted NLL) and the earlier consolidations'
+check samples (KL to their teachers) are measured before and after. The consolidation is rejected,
+and the adapter weights restored exactly, when a general set's NLL rises by more than
+``tolerance`` (relative), or when the earlier check KL rises by more than ``1 - earlier_keep`` of
+what those consolidations still hold (their KL before they were learned minus the KL now; at
+least a tenth of the former). An accepted one is a ledger entry (``RUN/ledger.jsonl``, type
+``consolidation``) with the adapter weights before and after it (``RUN/consolidations/<entry>/``),
+so :func:`rollback_consolidation` restores them bit-exactly; its items are marked with
+``store.set_consolidated(item_id, entry)``.
 
 This lives beside the store (not in ``update/``) because it is the store's last step: it reads
 items, marks them and uses the store's prompt format; it needs only ``models/`` and PEFT's
@@ -44,7 +52,9 @@ from herllm.memory.knowledge.distil import (
     anchor_samples,
     batch_kl,
     encode,
+    load_samples,
     pad_right,
+    save_samples,
     student_kl,
     teacher_samples,
 )
@@ -112,15 +122,44 @@ class ConsolidationResult:
     samples: list[Sample] = field(default_factory=list, repr=False)
 
 
-def _take(rows: Sequence[Sequence[int]], tokens: float) -> list:
-    """The first ``rows`` until they hold ``tokens`` tokens (the one that crosses included)."""
+def _take(rows: Sequence, tokens: float) -> list:
+    """The first ``rows`` (token-id rows or samples) until they hold ``tokens`` tokens (the one
+    that crosses included)."""
     out, have = [], 0
     for r in rows:
         if have >= tokens:
             break
         out.append(r)
-        have += len(r)
+        have += len(r.student_ids if isinstance(r, Sample) else r)
     return out
+
+
+KEPT = 48
+"""Samples of each accepted consolidation kept for later ones (every 4th checks, the rest replay)."""
+
+
+def _kept(samples: Sequence[Sample]) -> list[Sample]:
+    """Up to KEPT of ``samples``, evenly spread."""
+    return list(samples[:: max(1, len(samples) // KEPT)])[:KEPT]
+
+
+def _split(kept: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """Kept samples as (check, replay): every 4th checks."""
+    return list(kept[::4]), [s for i, s in enumerate(kept) if i % 4]
+
+
+def earlier_samples(run_dir: str | Path) -> tuple[list[Sample], float, list[Sample]]:
+    """Of the consolidations still in the adapter: their check samples, the check samples' mean
+    KL before they were learned, and their replay samples."""
+    run, check, replay, unlearned = Path(run_dir), [], [], 0.0
+    for r in live_consolidations(run):
+        path = run / r["snapshot"] / "samples.safetensors"
+        if path.is_file():  # consolidations recorded before samples were kept have none
+            samples, meta = load_samples(path)
+            c, rest = _split(samples)
+            check, replay = check + c, replay + rest
+            unlearned += float(meta["check_kl"]) * len(c)
+    return check, unlearned / max(len(check), 1), replay
 
 
 def _entry_id(run_dir: Path) -> str:
@@ -150,17 +189,21 @@ def consolidate(
     sample: bool = False,
     anchor: Sequence[Sequence[int]] = (),
     anchor_share: float = 0.3,
+    replay_share: float = 0.3,
     retention: dict[str, list[dict]] | None = None,
     tolerance: float = 0.02,
+    earlier_keep: float = 0.9,
     seed: int = 0,
     actor: str = "consolidate",
 ) -> ConsolidationResult:
     """Distil ``items`` into ``model``'s trainable adapter (module doc); returns what happened.
     ``prompts`` .. ``rewrite_tokens``: the texts about each item (``distil.teacher_samples``);
     ``anchor``: general-text windows (token ids) trained toward the model as it is now, beside
-    the items' samples: the first ones, with about ``anchor_share`` of the items' tokens (all
-    of them at most); ``retention``: named held-out batch lists (input_ids, attention_mask,
-    labels) for the gate (keep them apart from ``anchor``)."""
+    the items' samples: a seeded random draw of them with about ``anchor_share`` of the items'
+    tokens (all of them at most); ``replay_share``: of earlier consolidations' kept samples, about this
+    share of the items' tokens is trained on too; ``retention``: named held-out general batch
+    lists (input_ids, attention_mask, labels) for the gate (keep them apart from ``anchor``);
+    ``earlier_keep``: share of what earlier consolidations hold that the gate requires kept."""
     start, run = time.perf_counter(), Path(run_dir)
     params, pad = _trainable(model), tokenizer.pad_token_id
     samples = [s for j, it in enumerate(items) if it.text
@@ -171,12 +214,22 @@ def consolidate(
     if not samples:
         raise UserError("nothing to consolidate: the items have no text (forgotten?)")
     own = sum(len(s.student_ids) for s in samples)  # the items' tokens
-    pool: list[Sample] = samples + anchor_samples(model, _take(anchor, anchor_share * own), topk)
+    rng = random.Random(seed)
+    check, unlearned, replay = earlier_samples(run)
+    anchor = list(anchor)
+    rng.shuffle(anchor)  # a different part of the general text each consolidation
+    rng.shuffle(replay)
+    pool: list[Sample] = (samples + anchor_samples(model, _take(anchor, anchor_share * own), topk)
+                          + _take(replay, replay_share * own))  # fmt: skip
     before = adapter_state(model)
     ret_before = {k: retention_nll(model, b) for k, b in (retention or {}).items()}
     kl_before = student_kl(model, samples, pad, batch_size)
+    kept = _kept(samples)
+    check_kl = student_kl(model, _split(kept)[0], pad, batch_size)  # kept for later gates
+    if check:
+        ret_before["earlier_kl"] = student_kl(model, check, pad, batch_size)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng, tokens = random.Random(seed), 0
+    tokens = 0
     model.train()
     for _ in range(passes):  # a few passes over the teacher's samples (and the anchor's)
         order = list(range(len(pool)))
@@ -195,18 +248,25 @@ def consolidate(
     model.eval()
     kl_after = student_kl(model, samples, pad, batch_size)
     ret_after = {k: retention_nll(model, b) for k, b in (retention or {}).items()}
-    hurt = [k for k in ret_after if ret_after[k] > ret_before[k] * (1.0 + tolerance)]
+    hurt = [f"{k} NLL {ret_before[k]:.4f} -> {ret_after[k]:.4f} (over +{tolerance:.0%})"
+            for k in ret_after if ret_after[k] > ret_before[k] * (1.0 + tolerance)]  # fmt: skip
+    if check:
+        ret_after["earlier_kl"] = student_kl(model, check, pad, batch_size)
+        held = max(unlearned - ret_before["earlier_kl"], 0.1 * unlearned)
+        if ret_after["earlier_kl"] - ret_before["earlier_kl"] > (1.0 - earlier_keep) * held:
+            hurt.append(f"earlier consolidations' KL {ret_before['earlier_kl']:.4f} -> "
+                        f"{ret_after['earlier_kl']:.4f} (they hold {held:.4f} of "
+                        f"{unlearned:.4f}; keep {earlier_keep:.0%})")  # fmt: skip
     ids = [it.id for it in items if it.text]
     result = ConsolidationResult(None, not hurt, ids, kl_before, kl_after, ret_before, ret_after,
                                  tokens, 0.0, samples=samples)  # fmt: skip
     if hurt:
         load_adapter_state(model, before)
-        result.reason = "; ".join(
-            f"{k} NLL {ret_before[k]:.4f} -> {ret_after[k]:.4f} (over +{tolerance:.0%})"
-            for k in hurt
-        )
+        result.reason = "; ".join(hurt)
     else:
         result.entry = _record(run, before, adapter_state(model), result, store, actor)
+        save_samples(run / "consolidations" / result.entry / "samples.safetensors", kept,
+                     {"check_kl": repr(check_kl)})  # fmt: skip
     result.seconds = time.perf_counter() - start
     return result
 

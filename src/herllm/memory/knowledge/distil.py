@@ -23,13 +23,17 @@ it was, so the retention gate accepts a learning rate that moves the facts.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from herllm.memory.knowledge.prompt import HEADER
 
@@ -283,14 +287,23 @@ def student_kl(model, samples: list[Sample], pad_id: int, batch_size: int = 8) -
     return sum(parts) / max(len(samples), 1)
 
 
-def sample_batches(samples: list[Sample], pad_id: int, batch_size: int = 8) -> list[dict]:
-    """Samples as LM batches (labels on the generated tokens): an earlier-units retention set."""
-    out = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        ids, mask = pad_right([s.student_ids for s in chunk], pad_id, "cpu")
-        labels = torch.full_like(ids, -100)
-        for j, s in enumerate(chunk):
-            labels[j, s.gen_start : len(s.student_ids)] = ids[j, s.gen_start : len(s.student_ids)]
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
+def save_samples(path: str | Path, samples: Sequence[Sample], meta: dict[str, str]) -> None:
+    """Write ``samples`` (ids, the teacher's top-k) and string ``meta`` to a safetensors file."""
+    tensors = {}
+    for i, s in enumerate(samples):
+        tensors[f"{i}.ids"] = torch.tensor(s.student_ids, dtype=torch.int32)
+        tensors[f"{i}.top_logp"] = s.top_logp.detach().float().cpu().contiguous()
+        tensors[f"{i}.top_idx"] = s.top_idx.detach().to(torch.int32).cpu().contiguous()
+    starts = json.dumps([s.gen_start for s in samples])
+    save_file(tensors, str(path), metadata={**meta, "gen_start": starts})
+
+
+def load_samples(path: str | Path) -> tuple[list[Sample], dict[str, str]]:
+    """The samples and metadata :func:`save_samples` wrote."""
+    with safe_open(str(path), "pt") as fh:
+        meta = dict(fh.metadata() or {})
+    tensors = load_file(str(path))
+    samples = [Sample(tensors[f"{i}.ids"].tolist(), start, tensors[f"{i}.top_logp"],
+                      tensors[f"{i}.top_idx"].long())
+               for i, start in enumerate(json.loads(meta.pop("gen_start")))]  # fmt: skip
+    return samples, meta
