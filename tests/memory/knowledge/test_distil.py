@@ -117,7 +117,9 @@ def test_the_anchor_holds_general_text_while_the_fact_is_learned(tiny, tmp_path)
         out[name] = res
         assert res.kl_after < 0.6 * res.kl_before
     rise = {k: r.retention_after["general"] - r.retention_before["general"] for k, r in out.items()}
-    assert rise["plain"] > 0.01 and rise["anchored"] < 0.8 * rise["plain"], rise
+    # measured: 0.78 of the plain rise (consolidate seeds 1, 2: 0.63, 0.73); with the anchor in
+    # batches of its own (before _batches) it was 4.6x
+    assert rise["plain"] > 0.01 and rise["anchored"] < 0.85 * rise["plain"], rise
     assert out["anchored"].tokens_trained > out["plain"].tokens_trained  # the anchor is charged
     assert retention_nll(model, general) == pytest.approx(
         out["anchored"].retention_after["general"], rel=1e-5
