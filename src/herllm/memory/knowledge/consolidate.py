@@ -162,22 +162,6 @@ def earlier_samples(run_dir: str | Path) -> tuple[list[Sample], float, list[Samp
     return check, unlearned / max(len(check), 1), replay
 
 
-def _batches(own: list[Sample], extra: list[Sample], size: int, rng) -> list[list[Sample]]:
-    """One pass: the items' samples in batches of ``size`` and similar lengths, each batch with
-    its share of the ``extra`` samples (anchor, replay) of similar lengths, in random order.
-    Every step sees both: batches of anchor windows alone would move the adapter by the
-    optimizer's momentum and normalised steps while their own gradient is near zero."""
-    order = list(range(len(own)))
-    rng.shuffle(order)  # ties in length in random order
-    order.sort(key=lambda j: len(own[j].student_ids))
-    batches = [[own[j] for j in order[i : i + size]] for i in range(0, len(order), size)]
-    extra = sorted(extra, key=lambda e: (len(e.student_ids), rng.random()))
-    for j, e in enumerate(extra):  # the shortest extras to the shortest batches
-        batches[j * len(batches) // len(extra)].append(e)
-    rng.shuffle(batches)
-    return batches
-
-
 def _entry_id(run_dir: Path) -> str:
     ledger = run_dir / "ledger.jsonl"
     lines = ledger.read_text(encoding="utf-8").splitlines() if ledger.is_file() else []
@@ -235,8 +219,8 @@ def consolidate(
     anchor = list(anchor)
     rng.shuffle(anchor)  # a different part of the general text each consolidation
     rng.shuffle(replay)
-    extra: list[Sample] = (anchor_samples(model, _take(anchor, anchor_share * own), topk)
-                           + _take(replay, replay_share * own))  # fmt: skip
+    pool: list[Sample] = (samples + anchor_samples(model, _take(anchor, anchor_share * own), topk)
+                          + _take(replay, replay_share * own))  # fmt: skip
     before = adapter_state(model)
     ret_before = {k: retention_nll(model, b) for k, b in (retention or {}).items()}
     kl_before = student_kl(model, samples, pad, batch_size)
@@ -248,7 +232,13 @@ def consolidate(
     tokens = 0
     model.train()
     for _ in range(passes):  # a few passes over the teacher's samples (and the anchor's)
-        for chunk in _batches(samples, extra, batch_size, rng):
+        order = list(range(len(pool)))
+        rng.shuffle(order)  # then batches of similar lengths (little padding), in random order
+        order.sort(key=lambda j: len(pool[j].student_ids))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        rng.shuffle(batches)
+        for batch in batches:
+            chunk = [pool[j] for j in batch]
             loss = batch_kl(model, chunk, pad)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
