@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,7 @@ from herllm.memory.knowledge.distil import (
     encode,
     load_samples,
     pad_right,
+    sample_kls,
     save_samples,
     student_kl,
     teacher_samples,
@@ -138,9 +140,9 @@ KEPT = 48
 """Samples of each accepted consolidation kept for later ones (every 4th checks, the rest replay)."""
 
 
-def _kept(samples: Sequence[Sample]) -> list[Sample]:
-    """Up to KEPT of ``samples``, evenly spread."""
-    return list(samples[:: max(1, len(samples) // KEPT)])[:KEPT]
+def _kept(n: int) -> list[int]:
+    """Indices of up to KEPT of ``n`` samples, evenly spread."""
+    return list(range(0, n, max(1, n // KEPT)))[:KEPT]
 
 
 def _split(kept: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
@@ -200,8 +202,8 @@ def consolidate(
     ``prompts`` .. ``rewrite_tokens``: the texts about each item (``distil.teacher_samples``);
     ``anchor``: general-text windows (token ids) trained toward the model as it is now, beside
     the items' samples: a seeded random draw of them with about ``anchor_share`` of the items'
-    tokens (all of them at most); ``replay_share``: of earlier consolidations' kept samples, about this
-    share of the items' tokens is trained on too; ``retention``: named held-out general batch
+    tokens (all of them at most); ``replay_share``: of earlier consolidations' kept samples,
+    about this share of the items' tokens is trained on too; ``retention``: named held-out general batch
     lists (input_ids, attention_mask, labels) for the gate (keep them apart from ``anchor``);
     ``earlier_keep``: share of what earlier consolidations hold that the gate requires kept."""
     start, run = time.perf_counter(), Path(run_dir)
@@ -223,9 +225,9 @@ def consolidate(
                           + _take(replay, replay_share * own))  # fmt: skip
     before = adapter_state(model)
     ret_before = {k: retention_nll(model, b) for k, b in (retention or {}).items()}
-    kl_before = student_kl(model, samples, pad, batch_size)
-    kept = _kept(samples)
-    check_kl = student_kl(model, _split(kept)[0], pad, batch_size)  # kept for later gates
+    kls = sample_kls(model, samples, pad, batch_size)
+    kl_before, keep = sum(kls) / len(kls), _kept(len(samples))
+    check_kl = statistics.mean(kls[i] for i in keep[::4])  # _split's checks, for later gates
     if check:
         ret_before["earlier_kl"] = student_kl(model, check, pad, batch_size)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -265,8 +267,8 @@ def consolidate(
         result.reason = "; ".join(hurt)
     else:
         result.entry = _record(run, before, adapter_state(model), result, store, actor)
-        save_samples(run / "consolidations" / result.entry / "samples.safetensors", kept,
-                     {"check_kl": repr(check_kl)})  # fmt: skip
+        save_samples(run / "consolidations" / result.entry / "samples.safetensors",
+                     [samples[i] for i in keep], {"check_kl": repr(check_kl)})  # fmt: skip
     result.seconds = time.perf_counter() - start
     return result
 

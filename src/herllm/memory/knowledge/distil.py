@@ -261,8 +261,8 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-def batch_kl(model, samples: list[Sample], pad_id: int) -> torch.Tensor:
-    """Mean top-k KL of the student over a batch of samples (with grad when training)."""
+def _sample_losses(model, samples: list[Sample], pad_id: int) -> torch.Tensor:
+    """(B,) top-k KL of the student at each sample of a batch (with grad when training)."""
     ids, mask = pad_right([s.student_ids for s in samples], pad_id, model.device)
     logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
     losses = []
@@ -270,21 +270,35 @@ def batch_kl(model, samples: list[Sample], pad_id: int) -> torch.Tensor:
         g = s.top_idx.shape[0]
         rows = logits[i, s.gen_start - 1 : s.gen_start - 1 + g]  # (G, V)
         losses.append(topk_kl(s.top_logp.to(rows.device), s.top_idx.to(rows.device), rows))
-    return torch.stack(losses).mean()
+    return torch.stack(losses)
+
+
+def batch_kl(model, samples: list[Sample], pad_id: int) -> torch.Tensor:
+    """Mean top-k KL of the student over a batch of samples (with grad when training)."""
+    return _sample_losses(model, samples, pad_id).mean()
 
 
 @torch.no_grad()
-def student_kl(model, samples: list[Sample], pad_id: int, batch_size: int = 8) -> float:
-    """Mean KL(teacher || student) over ``samples``, no grad (batched by length)."""
+def sample_kls(model, samples: list[Sample], pad_id: int, batch_size: int = 8) -> list[float]:
+    """KL(teacher || student) of each of ``samples``, in their order; no grad, batched by
+    length."""
     was = model.training
     model.eval()
-    samples = sorted(samples, key=lambda s: len(s.student_ids))
-    parts = [
-        float(batch_kl(model, samples[i : i + batch_size], pad_id)) * len(samples[i : i + batch_size])
-        for i in range(0, len(samples), batch_size)
-    ]  # fmt: skip
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].student_ids))
+    out = [0.0] * len(samples)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        losses = _sample_losses(model, [samples[j] for j in idx], pad_id)
+        for j, v in zip(idx, losses.tolist(), strict=True):
+            out[j] = v
     model.train(was)
-    return sum(parts) / max(len(samples), 1)
+    return out
+
+
+def student_kl(model, samples: list[Sample], pad_id: int, batch_size: int = 8) -> float:
+    """Mean KL(teacher || student) over ``samples``, no grad (batched by length)."""
+    kls = sample_kls(model, samples, pad_id, batch_size)
+    return sum(kls) / max(len(kls), 1)
 
 
 def save_samples(path: str | Path, samples: Sequence[Sample], meta: dict[str, str]) -> None:
